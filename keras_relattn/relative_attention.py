@@ -1,0 +1,694 @@
+"""The `RelativeAttention` layer: DeBERTa-style disentangled attention."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_relattn import _checks
+
+MODES = ("c2c", "c2p", "p2c")
+
+# edspdf *replaces* masked logits by this value before the softmax (it does
+# not add it).  It is representable in float16 and bfloat16, and the softmax
+# always runs in float32, so it can neither overflow nor produce NaN.
+MASKED_LOGIT = -10000.0
+
+
+def _normalize_mode(mode):
+    if isinstance(mode, str):
+        mode = (mode,)
+    try:
+        mode = tuple(mode)
+    except TypeError:
+        raise TypeError(
+            "`mode` must be a sequence of names among "
+            f"{MODES}. Received: mode={mode!r}"
+        ) from None
+    if not mode:
+        raise ValueError(
+            f"`mode` must name at least one of {MODES}. Received: mode=()"
+        )
+    unknown = [m for m in mode if m not in MODES]
+    if unknown:
+        raise ValueError(
+            f"`mode` contains unknown term(s) {unknown}; the known terms are "
+            f"{MODES}. Received: mode={mode!r}"
+        )
+    # Keep the caller's order (it is part of the config) but drop repeats:
+    # edspdf only tests membership.
+    return tuple(dict.fromkeys(mode))
+
+
+def _table_shape(position_embedding, position_embedding_shape):
+    if position_embedding is not None and position_embedding_shape is not None:
+        raise ValueError(
+            "Pass either `position_embedding` (an array) or "
+            "`position_embedding_shape`, not both."
+        )
+    if position_embedding is not None:
+        shape = tuple(int(d) for d in position_embedding.shape)
+        name = "position_embedding"
+    elif position_embedding_shape is not None:
+        shape = tuple(int(d) for d in position_embedding_shape)
+        name = "position_embedding_shape"
+    else:
+        return None
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(
+            f"`{name}` must describe a table of shape "
+            f"(n_positions, position_size) with both sizes >= 1. "
+            f"Received shape {shape}"
+        )
+    return shape
+
+
+@keras.saving.register_keras_serializable(package="keras_relattn")
+class RelativeAttention(keras.layers.Layer):
+    """Disentangled relative self/cross attention (edspdf / DeBERTa style).
+
+    The attention logit between query `i` and key `j` on head `h` is
+
+    ```
+    logits[b, i, j, h] = base_attn[b, i, j, h]
+        + (c2c + c2p + p2c) / sqrt(number of terms)
+        + head_bias[h]
+    c2c = q[i, h] . k[j, h] / sqrt(head_size)
+    c2p = sum_x q[i, h, x] . pos_k[idx(i, j, x), x, h] / sqrt(head_size)
+    p2c = sum_x pos_q[idx(i, j, x), x, h] . k[j, h, x] / sqrt(head_size)
+    idx(i, j, x) = clip(n_positions // 2 + relative_positions[b, i, j, x],
+                        0, n_positions - 1)
+    ```
+
+    where `q`, `k` are linear projections of the content queries and keys,
+    split per head and, for the position terms, each head is split in
+    `n_coordinates` equal chunks (one per coordinate: x, y, ...), and
+    `pos_q`, `pos_k` are per-coordinate projections of the position table.
+    Only the terms of `mode` that can be computed are summed: the position
+    terms need `relative_positions` (without them, only `c2c` is used, as in
+    edspdf). Position terms are zeroed where `no_position_mask` is True.
+
+    When values are given, the logits of the `n_heads` pooling heads (the
+    `n_additional_heads` logit-only heads come first on the heads axis and
+    are not pooled) are masked (masked logits are *replaced* by -10000),
+    softmaxed over the keys in float32, and used to average the projected
+    values; the heads are concatenated (there is no output projection).
+
+    This reproduces `edspdf.layers.relative_attention.RelativeAttention`
+    (edspdf 0.10.0) numerically, and weights move both ways with
+    `keras_relattn.load_edspdf_state_dict` / `keras_relattn.edspdf_state_dict`.
+
+    Args:
+        size: int. Size of the pooled output (`n_heads * value head size`).
+            Default for `query_size` and `key_size`.
+        n_heads: int. Number of pooling attention heads.
+        query_size: int. Feature size of the content queries. Defaults to
+            `size`.
+        key_size: int. Feature size of the content keys. Defaults to `size`.
+        value_size: int. Feature size of the content values. Defaults to
+            `key_size` (as in edspdf).
+        head_size: int. Size of each query/key head. Defaults to
+            `key_size // n_heads`.
+        position_embedding: optional array (numpy or backend tensor) of shape
+            `(n_positions, position_size)`: the relative position table. It is
+            stored as a weight of the layer (`position_embedding`), never in
+            the config.
+        position_embedding_shape: optional `(n_positions, position_size)`:
+            create an empty (zero) table of that shape, to be filled by
+            loading weights. This is what `get_config()` records.
+        position_embedding_trainable: bool. Whether the table is trained.
+            Default `False`, like edspdf's buffer for a plain tensor.
+        dropout_p: float. Dropout rate applied, as edspdf does, to the raw
+            queries, keys and values, to the table and to the attention
+            weights. Default `0.0`.
+        same_key_query_proj: bool. Share the content *and* positional
+            projections between keys and queries.
+        same_positional_key_query_proj: bool. Share only the positional
+            projections.
+        n_coordinates: int. Number of coordinates of a relative position
+            (1 for text, 2 for page layouts and images, ...).
+        head_bias: bool. Learn a per-head bias added to the logits.
+        do_pooling: bool. Whether the layer pools values at all. With
+            `False` it only computes logits and has no value projection.
+        mode: sequence of `"c2c"`, `"c2p"`, `"p2c"`: the terms to compute.
+        n_additional_heads: int. Logit-only heads, placed first on the heads
+            axis of the returned logits.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer, kernel_constraint, bias_constraint: passed to the
+            projections.
+        seed: optional int, seed of the dropout.
+        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        content_queries: `(batch, n_queries, query_size)` float tensor.
+        content_keys: `(batch, n_keys, key_size)`; defaults to the queries.
+        content_values: `(batch, n_keys, value_size)`; when given (and
+            `do_pooling`), the layer returns the pooled output too.
+        mask: bool or 0/1 tensor, True = attend. Shape `(batch, n_keys)`,
+            `(batch, n_queries, n_keys)` or `(batch, n_queries, n_keys,
+            n_heads)` (pooling heads only). `None` means attend to all keys.
+            It only affects pooling: the returned logits are unmasked.
+        relative_positions: integer tensor `(batch or 1, n_queries, n_keys,
+            n_coordinates)`: position of each key relative to each query.
+        no_position_mask: bool tensor `(batch or 1, n_queries, n_keys)`; True
+            disables the position terms for that pair.
+        base_attn: float tensor `(batch, n_queries, n_keys, n_heads +
+            n_additional_heads)` added to the logits.
+        training: bool, whether dropout is active.
+        content_queries_mask, content_keys_mask, content_values_mask: Keras
+            masks `(batch, length)`, filled in by Keras from the inputs'
+            masks; the keys' and values' masks mask keys (in self attention
+            the queries' mask is the keys' mask). They combine with `mask`.
+
+    Returns:
+        `(pooled, logits)` when `content_values` is given, else `logits`.
+        `pooled`: `(batch, n_queries, size)`; it carries the queries' Keras
+        mask. `logits`: `(batch, n_queries, n_keys, n_heads +
+        n_additional_heads)`, unmasked, bias included.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_relattn import RelativeAttention
+    >>> table = np.random.normal(size=(16, 32)).astype("float32")
+    >>> layer = RelativeAttention(32, n_heads=4, position_embedding=table)
+    >>> x = np.random.normal(size=(2, 10, 32)).astype("float32")
+    >>> positions = np.arange(10)[None, :] - np.arange(10)[:, None]
+    >>> positions = positions[None, :, :, None]  # (1, queries, keys, 1)
+    >>> pooled, logits = layer(x, x, x, relative_positions=positions)
+    >>> tuple(pooled.shape), tuple(logits.shape)
+    ((2, 10, 32), (2, 10, 10, 4))
+
+    References:
+        - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
+          Attention", ICLR 2021.
+        - edspdf, `edspdf.layers.relative_attention.RelativeAttention`.
+    """
+
+    def __init__(
+        self,
+        size,
+        n_heads,
+        query_size=None,
+        key_size=None,
+        value_size=None,
+        head_size=None,
+        position_embedding=None,
+        dropout_p=0.0,
+        same_key_query_proj=False,
+        same_positional_key_query_proj=False,
+        n_coordinates=1,
+        head_bias=True,
+        do_pooling=True,
+        mode=MODES,
+        n_additional_heads=0,
+        position_embedding_shape=None,
+        position_embedding_trainable=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        size = _checks.positive_int("size", size)
+        n_heads = _checks.positive_int("n_heads", n_heads)
+        query_size = _checks.positive_int("query_size", query_size, size)
+        key_size = _checks.positive_int("key_size", key_size, size)
+        value_size = _checks.positive_int("value_size", value_size, key_size)
+        n_coordinates = _checks.positive_int("n_coordinates", n_coordinates)
+        n_additional_heads = _checks.non_negative_int(
+            "n_additional_heads", n_additional_heads
+        )
+        if head_size is None:
+            if key_size % n_heads:
+                raise ValueError(
+                    f"`key_size` ({key_size}) must be divisible by `n_heads` "
+                    f"({n_heads}) when `head_size` is not given."
+                )
+            head_size = key_size // n_heads
+        head_size = _checks.positive_int("head_size", head_size)
+        if do_pooling and size % n_heads:
+            raise ValueError(
+                f"`size` ({size}) must be divisible by `n_heads` ({n_heads}) "
+                "when `do_pooling=True`: each head pools `size // n_heads` "
+                "value features."
+            )
+        if not 0.0 <= float(dropout_p) < 1.0:
+            raise ValueError(
+                f"`dropout_p` must be in [0, 1). Received: dropout_p={dropout_p}"
+            )
+        if same_key_query_proj and query_size != key_size:
+            raise ValueError(
+                "`same_key_query_proj=True` needs `query_size == key_size`. "
+                f"Received: query_size={query_size}, key_size={key_size}"
+            )
+        mode = _normalize_mode(mode)
+        table_shape = _table_shape(position_embedding, position_embedding_shape)
+        if table_shape is None and "c2c" not in mode:
+            raise ValueError(
+                f"`mode={mode}` has no term that can be computed: the position "
+                "terms need a position table (`position_embedding`) and "
+                "'c2c' is not in `mode`."
+            )
+        if table_shape is not None:
+            if table_shape[1] % n_coordinates:
+                raise ValueError(
+                    f"The position table's feature size ({table_shape[1]}, "
+                    f"table shape {table_shape}) must be divisible by "
+                    f"`n_coordinates` ({n_coordinates})."
+                )
+            if head_size % n_coordinates:
+                raise ValueError(
+                    f"`head_size` ({head_size}) must be divisible by "
+                    f"`n_coordinates` ({n_coordinates}): each head is split "
+                    "in one chunk per coordinate."
+                )
+
+        self.size = size
+        self.n_heads = n_heads
+        self.query_size = query_size
+        self.key_size = key_size
+        self.value_size = value_size
+        self.head_size = head_size
+        self.dropout_p = float(dropout_p)
+        self.same_key_query_proj = bool(same_key_query_proj)
+        self.same_positional_key_query_proj = bool(same_positional_key_query_proj)
+        self.n_coordinates = n_coordinates
+        self.head_bias = bool(head_bias)
+        self.do_pooling = bool(do_pooling)
+        self.mode = mode
+        self.n_additional_heads = n_additional_heads
+        self.total_heads = n_heads + n_additional_heads
+        self.value_head_size = size // n_heads
+        self.position_embedding_shape = table_shape
+        self.position_embedding_trainable = bool(position_embedding_trainable)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.seed = seed
+        self._initial_table = position_embedding
+        self.supports_masking = True
+
+        self.dropout = (
+            keras.layers.Dropout(self.dropout_p, seed=seed, dtype=self.dtype_policy)
+            if self.dropout_p > 0
+            else None
+        )
+
+    # ------------------------------------------------------------------ build
+    def _sublayer_kwargs(self):
+        return dict(
+            kernel_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            ),
+            bias_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.bias_initializer)
+            ),
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
+            dtype=self.dtype_policy,
+        )
+
+    def _content_projection(self, name, input_size, heads, head_size):
+        proj = keras.layers.EinsumDense(
+            "bsi,ihd->bshd",
+            output_shape=(None, heads, head_size),
+            bias_axes="hd",
+            name=name,
+            **self._sublayer_kwargs(),
+        )
+        proj.build((None, None, input_size))
+        return proj
+
+    def _position_projection(self, name):
+        n_positions, pos_size = self.position_embedding_shape
+        coords = self.n_coordinates
+        proj = keras.layers.EinsumDense(
+            "pxi,xihd->pxhd",
+            output_shape=(coords, self.total_heads, self.head_size // coords),
+            bias_axes="xhd",
+            name=name,
+            **self._sublayer_kwargs(),
+        )
+        proj.build((None, coords, pos_size // coords))
+        return proj
+
+    def build(
+        self,
+        content_queries_shape=None,
+        content_keys_shape=None,
+        content_values_shape=None,
+    ):
+        if content_queries_shape is not None:
+            self._check_feature_shapes(
+                content_queries_shape, content_keys_shape, content_values_shape
+            )
+        # Every size is known from the constructor, so `build` creates all the
+        # state at once: `.keras` loading and weight porting never meet a
+        # half-built layer.
+        self.key_proj = self._content_projection(
+            "key", self.key_size, self.total_heads, self.head_size
+        )
+        if not self.same_key_query_proj:
+            self.query_proj = self._content_projection(
+                "query", self.query_size, self.total_heads, self.head_size
+            )
+        if self.do_pooling:
+            self.value_proj = self._content_projection(
+                "value", self.value_size, self.n_heads, self.value_head_size
+            )
+        if self.position_embedding_shape is not None:
+            initial = self._initial_table
+            self.position_embedding = self.add_weight(
+                name="position_embedding",
+                shape=self.position_embedding_shape,
+                initializer=(
+                    "zeros"
+                    if initial is None
+                    else _ArrayInitializer(keras.ops.convert_to_numpy(initial))
+                ),
+                trainable=self.position_embedding_trainable,
+            )
+            self._initial_table = None
+            self.position_key_proj = self._position_projection("position_key")
+            if not (self.same_key_query_proj or self.same_positional_key_query_proj):
+                self.position_query_proj = self._position_projection(
+                    "position_query"
+                )
+        if self.head_bias:
+            self.bias = self.add_weight(
+                name="head_bias",
+                shape=(self.total_heads,),
+                initializer="zeros",
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self.built = True
+
+    @property
+    def _query_projection(self):
+        return self.key_proj if self.same_key_query_proj else self.query_proj
+
+    @property
+    def _position_query_projection(self):
+        if self.same_key_query_proj or self.same_positional_key_query_proj:
+            return self.position_key_proj
+        return self.position_query_proj
+
+    # ---------------------------------------------------------- validation
+    def _check_feature_shapes(self, q_shape, k_shape, v_shape):
+        _checks.check_shape(
+            "content_queries", q_shape, (None, None, self.query_size),
+            "(batch, n_queries, query_size)",
+        )
+        if k_shape is not None:
+            _checks.check_shape(
+                "content_keys", k_shape, (q_shape[0], None, self.key_size),
+                "(batch, n_keys, key_size)",
+            )
+        elif self.query_size != self.key_size:
+            raise ValueError(
+                "`content_keys` is required when `query_size` "
+                f"({self.query_size}) differs from `key_size` ({self.key_size})."
+            )
+        if v_shape is not None:
+            if not self.do_pooling:
+                raise ValueError(
+                    "`content_values` was given but the layer was built with "
+                    "`do_pooling=False`, so it has no value projection. Pass "
+                    "no values to get the logits, or use `do_pooling=True`."
+                )
+            n_keys = (k_shape if k_shape is not None else q_shape)[1]
+            _checks.check_shape(
+                "content_values", v_shape, (q_shape[0], n_keys, self.value_size),
+                "(batch, n_keys, value_size)",
+            )
+
+    def _check_call_inputs(
+        self, queries, keys, values, mask, relative_positions,
+        no_position_mask, base_attn,
+    ):
+        q_shape = _checks.shape_of(queries)
+        k_shape = None if keys is None else _checks.shape_of(keys)
+        v_shape = None if values is None else _checks.shape_of(values)
+        self._check_feature_shapes(q_shape, k_shape, v_shape)
+        batch, n_queries = q_shape[0], q_shape[1]
+        n_keys = (k_shape or q_shape)[1]
+
+        if mask is not None:
+            _checks.check_mask("mask", mask, batch, n_queries, n_keys, self.n_heads)
+        if base_attn is not None:
+            _checks.check_shape(
+                "base_attn", _checks.shape_of(base_attn),
+                (batch, n_queries, n_keys, self.total_heads),
+                "(batch, n_queries, n_keys, n_heads + n_additional_heads)",
+                broadcast_batch=True,
+            )
+        if no_position_mask is not None:
+            _checks.check_shape(
+                "no_position_mask", _checks.shape_of(no_position_mask),
+                (batch, n_queries, n_keys), "(batch or 1, n_queries, n_keys)",
+                broadcast_batch=True,
+            )
+        positional = [m for m in self.mode if m != "c2c"]
+        if relative_positions is not None:
+            if positional and self.position_embedding_shape is None:
+                raise ValueError(
+                    "`relative_positions` was given but the layer has no "
+                    "position table: pass `position_embedding` to the "
+                    "constructor."
+                )
+            _checks.check_integer("relative_positions", relative_positions)
+            _checks.check_shape(
+                "relative_positions", _checks.shape_of(relative_positions),
+                (batch, n_queries, n_keys, self.n_coordinates),
+                "(batch or 1, n_queries, n_keys, n_coordinates)",
+                broadcast_batch=True,
+            )
+        elif "c2c" not in self.mode:
+            raise ValueError(
+                f"`mode={self.mode}` needs `relative_positions`: without "
+                "them no attention term can be computed."
+            )
+
+    # ------------------------------------------------------------- call
+    def _drop(self, x, training):
+        if self.dropout is None:
+            return x
+        return self.dropout(x, training=training)
+
+    def call(
+        self,
+        content_queries,
+        content_keys=None,
+        content_values=None,
+        mask=None,
+        relative_positions=None,
+        no_position_mask=None,
+        base_attn=None,
+        training=None,
+        content_queries_mask=None,
+        content_keys_mask=None,
+        content_values_mask=None,
+    ):
+        self._check_call_inputs(
+            content_queries, content_keys, content_values, mask,
+            relative_positions, no_position_mask, base_attn,
+        )
+        compute_dtype = self.compute_dtype
+        self_attention = content_keys is None
+        keys_in = content_queries if self_attention else content_keys
+        key_mask = content_queries_mask if self_attention else content_keys_mask
+
+        # (batch, length, heads, head_size)
+        q = self._query_projection(self._drop(content_queries, training))
+        k = self.key_proj(self._drop(keys_in, training))
+
+        use_positions = relative_positions is not None and any(
+            m in self.mode for m in ("c2p", "p2c")
+        )
+        terms = [m for m in self.mode if m == "c2c" or use_positions]
+        # Every term is divided by sqrt(head_size) and their sum by
+        # sqrt(number of terms): fold both into one scale applied to the
+        # (small) projected queries and position queries.
+        scale = 1.0 / (math.sqrt(self.head_size) * math.sqrt(len(terms)))
+        q = q * ops.cast(scale, q.dtype)
+
+        logits = None  # (batch, heads, queries, keys)
+        if "c2c" in terms:
+            logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
+        if use_positions:
+            position_logits = self._position_logits(
+                q, k, relative_positions, scale, training
+            )
+            if no_position_mask is not None:
+                keep = ops.logical_not(_checks.as_bool(no_position_mask))
+                position_logits = position_logits * ops.cast(
+                    keep[:, None], position_logits.dtype
+                )
+            logits = (
+                position_logits if logits is None else logits + position_logits
+            )
+        # (batch, queries, keys, heads)
+        logits = ops.transpose(logits, (0, 2, 3, 1))
+        if base_attn is not None:
+            logits = logits + ops.cast(base_attn, logits.dtype)
+        if self.head_bias:
+            logits = logits + ops.cast(self.bias, logits.dtype)
+
+        if content_values is None:
+            return logits
+
+        values = self.value_proj(self._drop(content_values, training))
+        attend = self._combine_masks(
+            mask, key_mask, content_values_mask
+        )  # broadcastable to (batch, queries, keys, pooling heads), or None
+        pool_logits = ops.cast(logits[..., self.n_additional_heads :], "float32")
+        if attend is not None:
+            pool_logits = ops.where(attend, pool_logits, MASKED_LOGIT)
+        weights = ops.softmax(pool_logits, axis=2)
+        weights = self._drop(ops.cast(weights, compute_dtype), training)
+        pooled = ops.einsum("bqkh,bkhd->bqhd", weights, values)
+        pooled = ops.reshape(
+            pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size)
+        )
+        return pooled, logits
+
+    def _position_logits(self, q, k, relative_positions, scale, training):
+        """c2p + p2c, `(batch, heads, queries, keys)`, already scaled."""
+        table = ops.cast(self.position_embedding, self.compute_dtype)
+        n_positions, pos_size = self.position_embedding_shape
+        coords = self.n_coordinates
+        chunk = self.head_size // coords
+
+        def project(proj):
+            t = self._drop(table, training)
+            return proj(ops.reshape(t, (n_positions, coords, pos_size // coords)))
+
+        # Position indices, shared by c2p and p2c: (batch or 1, 1, q, k, x)
+        index = ops.clip(
+            ops.cast(relative_positions, "int32") + n_positions // 2,
+            0,
+            n_positions - 1,
+        )
+        index = index[:, None]
+        total = None
+        if "c2p" in self.mode:
+            pos_k = project(self.position_key_proj)  # (P, x, heads, chunk)
+            for x in range(coords):
+                q_x = q[..., x * chunk : (x + 1) * chunk]
+                # (batch, heads, queries, P): every query against the table
+                scores = ops.einsum("bqhd,phd->bhqp", q_x, pos_k[:, x])
+                term = ops.take_along_axis(scores, index[..., x], axis=3)
+                total = term if total is None else total + term
+        if "p2c" in self.mode:
+            pos_q = project(self._position_query_projection)
+            pos_q = pos_q * ops.cast(scale, pos_q.dtype)
+            for x in range(coords):
+                k_x = k[..., x * chunk : (x + 1) * chunk]
+                # (batch, heads, P, keys): the table against every key
+                scores = ops.einsum("phd,bkhd->bhpk", pos_q[:, x], k_x)
+                term = ops.take_along_axis(scores, index[..., x], axis=2)
+                total = term if total is None else total + term
+        return total
+
+    def _combine_masks(self, mask, key_mask, values_mask):
+        """All masks as one bool tensor broadcastable to (b, q, k, heads)."""
+        attend = None
+        for m in (key_mask, values_mask):
+            if m is not None:
+                m = _checks.as_bool(m)[:, None, :, None]
+                attend = m if attend is None else ops.logical_and(attend, m)
+        if mask is not None:
+            m = _checks.as_bool(mask)
+            if len(m.shape) == 2:
+                m = m[:, None, :, None]
+            elif len(m.shape) == 3:
+                m = m[..., None]
+            attend = m if attend is None else ops.logical_and(attend, m)
+        return attend
+
+    # ------------------------------------------------------- keras plumbing
+    def compute_mask(self, inputs, previous_mask=None):
+        # Both outputs hold one row per query, so both carry the queries'
+        # mask. `previous_mask` may be a key mask passed as `mask=`, so read
+        # the queries' own Keras mask instead.
+        query_mask = _checks.keras_mask_of(inputs)
+        if query_mask is None:
+            return None
+        return (query_mask, query_mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "size": self.size,
+                "n_heads": self.n_heads,
+                "query_size": self.query_size,
+                "key_size": self.key_size,
+                "value_size": self.value_size,
+                "head_size": self.head_size,
+                "position_embedding": None,
+                "position_embedding_shape": (
+                    None
+                    if self.position_embedding_shape is None
+                    else list(self.position_embedding_shape)
+                ),
+                "position_embedding_trainable": self.position_embedding_trainable,
+                "dropout_p": self.dropout_p,
+                "same_key_query_proj": self.same_key_query_proj,
+                "same_positional_key_query_proj": (
+                    self.same_positional_key_query_proj
+                ),
+                "n_coordinates": self.n_coordinates,
+                "head_bias": self.head_bias,
+                "do_pooling": self.do_pooling,
+                "mode": list(self.mode),
+                "n_additional_heads": self.n_additional_heads,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                ),
+                "bias_regularizer": keras.regularizers.serialize(
+                    self.bias_regularizer
+                ),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
+                "bias_constraint": keras.constraints.serialize(
+                    self.bias_constraint
+                ),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+class _ArrayInitializer(keras.initializers.Initializer):
+    """Fills a weight with a given array (never serialized: see get_config)."""
+
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+    def __call__(self, shape, dtype=None):
+        if tuple(shape) != self.value.shape:
+            raise ValueError(
+                f"`position_embedding` has shape {self.value.shape}, expected "
+                f"{tuple(shape)}"
+            )
+        return ops.convert_to_tensor(self.value, dtype=dtype)
