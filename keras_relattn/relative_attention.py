@@ -508,6 +508,8 @@ class RelativeAttention(keras.layers.Layer):
         compute_dtype = self.compute_dtype
         self_attention = content_keys is None
         keys_in = content_queries if self_attention else content_keys
+        if 0 in _checks.shape_of(content_queries)[:2] + _checks.shape_of(keys_in)[:2]:
+            return self._empty_outputs(content_queries, keys_in, content_values)
         key_mask = content_queries_mask if self_attention else content_keys_mask
 
         # (batch, length, heads, head_size)
@@ -556,13 +558,28 @@ class RelativeAttention(keras.layers.Layer):
         pool_logits = ops.cast(logits[..., self.n_additional_heads :], "float32")
         if attend is not None:
             pool_logits = ops.where(attend, pool_logits, MASKED_LOGIT)
-        weights = ops.softmax(pool_logits, axis=2)
+        weights = _softmax(pool_logits, axis=2)
         weights = self._drop(ops.cast(weights, compute_dtype), training)
         pooled = ops.einsum("bqkh,bkhd->bqhd", weights, values)
         pooled = ops.reshape(
             pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size)
         )
         return pooled, logits
+
+    def _empty_outputs(self, queries, keys, values):
+        """No batch, query or key: outputs of the right (empty) shapes.
+
+        With queries but no keys there is nothing to attend to, and the pooled
+        output is zeros. (edspdf divides by zero here.)
+        """
+        batch, n_queries = ops.shape(queries)[0], ops.shape(queries)[1]
+        n_keys = ops.shape(keys)[1]
+        logits = ops.zeros(
+            (batch, n_queries, n_keys, self.total_heads), self.compute_dtype
+        )
+        if values is None:
+            return logits
+        return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
 
     def _position_logits(self, q, k, relative_positions, scale, training):
         """c2p + p2c, `(batch, heads, queries, keys)`, already scaled."""
@@ -619,6 +636,50 @@ class RelativeAttention(keras.layers.Layer):
         return attend
 
     # ------------------------------------------------------- keras plumbing
+    def compute_output_shape(
+        self,
+        content_queries_shape,
+        content_keys_shape=None,
+        content_values_shape=None,
+    ):
+        """`logits` shape, or `(pooled, logits)` shapes when values are given."""
+        self._check_feature_shapes(
+            content_queries_shape, content_keys_shape, content_values_shape
+        )
+        batch, n_queries = content_queries_shape[0], content_queries_shape[1]
+        n_keys = (content_keys_shape or content_queries_shape)[1]
+        logits = (batch, n_queries, n_keys, self.total_heads)
+        if content_values_shape is None:
+            return logits
+        return (batch, n_queries, self.size), logits
+
+    def compute_output_spec(
+        self,
+        content_queries,
+        content_keys=None,
+        content_values=None,
+        mask=None,
+        relative_positions=None,
+        no_position_mask=None,
+        base_attn=None,
+        training=None,
+        **kwargs,
+    ):
+        self._check_call_inputs(
+            content_queries, content_keys, content_values, mask,
+            relative_positions, no_position_mask, base_attn,
+        )
+        shapes = self.compute_output_shape(
+            _checks.shape_of(content_queries),
+            None if content_keys is None else _checks.shape_of(content_keys),
+            None if content_values is None else _checks.shape_of(content_values),
+        )
+        if content_values is None:
+            return keras.KerasTensor(shapes, dtype=self.compute_dtype)
+        return tuple(
+            keras.KerasTensor(shape, dtype=self.compute_dtype) for shape in shapes
+        )
+
     def compute_mask(self, inputs, previous_mask=None):
         # Both outputs hold one row per query, so both carry the queries'
         # mask. `previous_mask` may be a key mask passed as `mask=`, so read
@@ -677,6 +738,13 @@ class RelativeAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+def _softmax(x, axis):
+    # keras.ops.softmax warns on a length-1 axis, a legitimate case here (one
+    # key); this is the same numerically stable formula.
+    x = ops.exp(x - ops.stop_gradient(ops.max(x, axis=axis, keepdims=True)))
+    return x / ops.sum(x, axis=axis, keepdims=True)
 
 
 class _ArrayInitializer(keras.initializers.Initializer):

@@ -1,0 +1,38 @@
+"""Runs the whole test suite once per Keras backend, each in its own process.
+
+Usage: python tests/run_all_backends.py [extra pytest arguments]
+Exits non-zero if any backend fails.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def main(argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    failed = []
+    for backend in BACKENDS:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
+        start = time.time()
+        code = subprocess.call(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+            cwd=root,
+            env=env,
+        )
+        print(f"===== {backend}: exit {code} in {time.time() - start:.0f} s", flush=True)
+        if code != 0:
+            failed.append(backend)
+    if failed:
+        print(f"\nFAILED on: {', '.join(failed)}")
+        return 1
+    print("\nall backends passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
