@@ -320,7 +320,7 @@ class RelativeAttention(keras.layers.Layer):
         )
 
     def _content_projection(self, name, input_size, heads, head_size):
-        proj = keras.layers.EinsumDense(
+        proj = _Projection(
             "bsi,ihd->bshd",
             output_shape=(None, heads, head_size),
             bias_axes="hd",
@@ -333,7 +333,7 @@ class RelativeAttention(keras.layers.Layer):
     def _position_projection(self, name):
         n_positions, pos_size = self.position_embedding_shape
         coords = self.n_coordinates
-        proj = keras.layers.EinsumDense(
+        proj = _Projection(
             "pxi,xihd->pxhd",
             output_shape=(coords, self.total_heads, self.head_size // coords),
             bias_axes="xhd",
@@ -593,11 +593,12 @@ class RelativeAttention(keras.layers.Layer):
             return proj(ops.reshape(t, (n_positions, coords, pos_size // coords)))
 
         # Position indices, shared by c2p and p2c: (batch or 1, 1, q, k, x)
-        index = ops.clip(
-            ops.cast(relative_positions, "int32") + n_positions // 2,
-            0,
-            n_positions - 1,
+        # Clip in the caller's dtype first: an int64 offset beyond the int32
+        # range must clamp, not wrap around.
+        index = ops.cast(
+            ops.clip(relative_positions, -n_positions, n_positions), "int32"
         )
+        index = ops.clip(index + n_positions // 2, 0, n_positions - 1)
         index = index[:, None]
         total = None
         if "c2p" in self.mode:
@@ -738,6 +739,25 @@ class RelativeAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+class _Projection(keras.layers.EinsumDense):
+    """`EinsumDense` whose float bias add cannot be misrouted.
+
+    Keras' TensorFlow `ops.add` turns `x + bias` into `tf.nn.bias_add` when the
+    bias squeezes to a vector, and picks the axis by size: with `head_size=1`
+    a `(heads, 1)` bias is added along the *length* axis whenever the length
+    equals the number of heads (a silent wrong answer, seen with Keras 3.15).
+    `x - (-bias)` takes the plain broadcasting path on every backend.
+    """
+
+    def call(self, inputs, training=None):
+        if self.quantization_mode is not None:
+            return super().call(inputs, training=training)
+        x = ops.einsum(self.equation, inputs, self.kernel)
+        if self.bias is not None:
+            x = ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
+        return self.activation(x)
 
 
 def _softmax(x, axis):
