@@ -482,6 +482,22 @@ class RelativeAttention(keras.layers.Layer):
             )
 
     # ------------------------------------------------------------- call
+    def __call__(self, *args, **kwargs):
+        positions = kwargs.get("relative_positions")
+        if (
+            isinstance(positions, np.ndarray)
+            and positions.dtype.kind in "iu"
+            and positions.dtype.itemsize > 4
+            and self.position_embedding_shape is not None
+        ):
+            # Clamp 64-bit offsets while they are still 64-bit: JAX without
+            # x64 would otherwise wrap them to int32 when Keras converts them.
+            n_positions = self.position_embedding_shape[0]
+            kwargs["relative_positions"] = np.clip(
+                positions, -n_positions, n_positions
+            ).astype("int32")
+        return super().__call__(*args, **kwargs)
+
     def _drop(self, x, training):
         if self.dropout is None:
             return x
@@ -595,9 +611,11 @@ class RelativeAttention(keras.layers.Layer):
         # Position indices, shared by c2p and p2c: (batch or 1, 1, q, k, x)
         # Clip in the caller's dtype first: an int64 offset beyond the int32
         # range must clamp, not wrap around.
-        index = ops.cast(
-            ops.clip(relative_positions, -n_positions, n_positions), "int32"
-        )
+        if _checks.dtype_of(relative_positions).startswith("uint"):
+            index = ops.minimum(relative_positions, n_positions)
+        else:
+            index = ops.clip(relative_positions, -n_positions, n_positions)
+        index = ops.cast(index, "int32")
         index = ops.clip(index + n_positions // 2, 0, n_positions - 1)
         index = index[:, None]
         total = None
