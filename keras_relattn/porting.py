@@ -73,10 +73,11 @@ def _attention_entries(layer, prefix=""):
     entries += _linear(prefix + "content_query_proj", layer._query_projection)
     if layer.do_pooling:
         entries += _linear(prefix + "content_value_proj", layer.value_proj)
-    if layer.position_embedding_shape is not None:
+    if layer.owns_table:
         entries.append(
             _identity(layer.position_embedding, prefix + "position_embedding")
         )
+    if layer.position_embedding_shape is not None:
         entries += _grouped_linear(
             prefix + "position_key_proj", layer.position_key_proj
         )

@@ -51,14 +51,15 @@ def _table_shape(position_embedding, position_embedding_shape):
         shape = tuple(int(d) for d in position_embedding.shape)
         name = "position_embedding"
     elif position_embedding_shape is not None:
-        shape = tuple(int(d) for d in position_embedding_shape)
+        shape = tuple(None if d is None else int(d) for d in position_embedding_shape)
         name = "position_embedding_shape"
     else:
         return None
-    if len(shape) != 2 or min(shape) < 1:
+    if len(shape) != 2 or shape[1] is None or min(d or 1 for d in shape) < 1:
         raise ValueError(
             f"`{name}` must describe a table of shape "
-            f"(n_positions, position_size) with both sizes >= 1. "
+            f"(n_positions, position_size) with both sizes >= 1 "
+            "(n_positions may be None for a table passed at call time). "
             f"Received shape {shape}"
         )
     return shape
@@ -116,7 +117,10 @@ class RelativeAttention(keras.layers.Layer):
             the config.
         position_embedding_shape: optional `(n_positions, position_size)`:
             create an empty (zero) table of that shape, to be filled by
-            loading weights. This is what `get_config()` records.
+            loading weights. This is what `get_config()` records. With
+            `(None, position_size)` the layer owns no table: it is passed at
+            call time (`position_embedding=`), e.g. one
+            `keras_relattn.PositionTable` shared by several layers.
         position_embedding_trainable: bool. Whether the table is trained.
             Default `False`, like edspdf's buffer for a plain tensor.
         dropout_p: float. Dropout rate applied, as edspdf does, to the raw
@@ -156,6 +160,9 @@ class RelativeAttention(keras.layers.Layer):
         base_attn: float tensor `(batch, n_queries, n_keys, n_heads +
             n_additional_heads)` added to the logits.
         training: bool, whether dropout is active.
+        position_embedding: optional `(n_positions, position_size)` tensor
+            used instead of the layer's own table, e.g. the output of a
+            `keras_relattn.PositionTable` shared by several layers.
         content_queries_mask, content_keys_mask, content_values_mask: Keras
             masks `(batch, length)`, filled in by Keras from the inputs'
             masks; the keys' and values' masks mask keys (in self attention
@@ -331,7 +338,7 @@ class RelativeAttention(keras.layers.Layer):
         return proj
 
     def _position_projection(self, name):
-        n_positions, pos_size = self.position_embedding_shape
+        pos_size = self.position_embedding_shape[1]
         coords = self.n_coordinates
         proj = _Projection(
             "pxi,xihd->pxhd",
@@ -367,7 +374,7 @@ class RelativeAttention(keras.layers.Layer):
             self.value_proj = self._content_projection(
                 "value", self.value_size, self.n_heads, self.value_head_size
             )
-        if self.position_embedding_shape is not None:
+        if self.owns_table:
             initial = self._initial_table
             self.position_embedding = self.add_weight(
                 name="position_embedding",
@@ -380,6 +387,7 @@ class RelativeAttention(keras.layers.Layer):
                 trainable=self.position_embedding_trainable,
             )
             self._initial_table = None
+        if self.position_embedding_shape is not None:
             self.position_key_proj = self._position_projection("position_key")
             if not (self.same_key_query_proj or self.same_positional_key_query_proj):
                 self.position_query_proj = self._position_projection(
@@ -394,6 +402,40 @@ class RelativeAttention(keras.layers.Layer):
                 constraint=self.bias_constraint,
             )
         self.built = True
+
+    @property
+    def owns_table(self):
+        """Whether the table is a weight of this layer (else passed at call)."""
+        shape = self.position_embedding_shape
+        return shape is not None and shape[0] is not None
+
+    def projections(self):
+        """The `EinsumDense` projections of this layer, each once."""
+        if not self.built:
+            self.build()
+        found = [self.key_proj, self._query_projection]
+        if self.do_pooling:
+            found.append(self.value_proj)
+        if self.position_embedding_shape is not None:
+            found += [self.position_key_proj, self._position_query_projection]
+        unique = []
+        for proj in found:
+            if all(proj is not seen for seen in unique):
+                unique.append(proj)
+        return unique
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform",
+                    b_initializer="zeros"):
+        """Adds LoRA adapters to every projection (content and positional).
+
+        The base kernels are frozen; only the adapters (and the biases and
+        the head bias) stay trainable, as with `keras.layers.EinsumDense`.
+        """
+        for proj in self.projections():
+            proj.enable_lora(
+                rank, lora_alpha=lora_alpha, a_initializer=a_initializer,
+                b_initializer=b_initializer,
+            )
 
     @property
     def _query_projection(self):
@@ -436,7 +478,7 @@ class RelativeAttention(keras.layers.Layer):
 
     def _check_call_inputs(
         self, queries, keys, values, mask, relative_positions,
-        no_position_mask, base_attn,
+        no_position_mask, base_attn, position_embedding=None,
     ):
         q_shape = _checks.shape_of(queries)
         k_shape = None if keys is None else _checks.shape_of(keys)
@@ -461,12 +503,31 @@ class RelativeAttention(keras.layers.Layer):
                 broadcast_batch=True,
             )
         positional = [m for m in self.mode if m != "c2c"]
+        if position_embedding is not None:
+            if self.position_embedding_shape is None:
+                raise ValueError(
+                    "A `position_embedding` table was passed at call time but "
+                    "the layer has no position projections: construct it "
+                    "with `position_embedding_shape=(None, position_size)`."
+                )
+            _checks.check_shape(
+                "position_embedding", _checks.shape_of(position_embedding),
+                (None, self.position_embedding_shape[1]),
+                "(n_positions, position_size)",
+            )
         if relative_positions is not None:
             if positional and self.position_embedding_shape is None:
                 raise ValueError(
                     "`relative_positions` was given but the layer has no "
                     "position table: pass `position_embedding` to the "
                     "constructor."
+                )
+            if positional and not self.owns_table and position_embedding is None:
+                raise ValueError(
+                    "`relative_positions` was given but no table: this layer "
+                    "was built with `position_embedding_shape=(None, "
+                    f"{self.position_embedding_shape[1]})`, so pass the table "
+                    "at call time as `position_embedding=`."
                 )
             _checks.check_integer("relative_positions", relative_positions)
             _checks.check_shape(
@@ -488,13 +549,12 @@ class RelativeAttention(keras.layers.Layer):
             isinstance(positions, np.ndarray)
             and positions.dtype.kind in "iu"
             and positions.dtype.itemsize > 4
-            and self.position_embedding_shape is not None
         ):
             # Clamp 64-bit offsets while they are still 64-bit: JAX without
             # x64 would otherwise wrap them to int32 when Keras converts them.
-            n_positions = self.position_embedding_shape[0]
+            # Any offset beyond +-2**30 lies beyond any table.
             kwargs["relative_positions"] = np.clip(
-                positions, -n_positions, n_positions
+                positions, -(2**30), 2**30
             ).astype("int32")
         return super().__call__(*args, **kwargs)
 
@@ -512,6 +572,7 @@ class RelativeAttention(keras.layers.Layer):
         relative_positions=None,
         no_position_mask=None,
         base_attn=None,
+        position_embedding=None,
         training=None,
         content_queries_mask=None,
         content_keys_mask=None,
@@ -519,7 +580,7 @@ class RelativeAttention(keras.layers.Layer):
     ):
         self._check_call_inputs(
             content_queries, content_keys, content_values, mask,
-            relative_positions, no_position_mask, base_attn,
+            relative_positions, no_position_mask, base_attn, position_embedding,
         )
         compute_dtype = self.compute_dtype
         self_attention = content_keys is None
@@ -546,8 +607,13 @@ class RelativeAttention(keras.layers.Layer):
         if "c2c" in terms:
             logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
         if use_positions:
+            table = (
+                self.position_embedding
+                if position_embedding is None
+                else position_embedding
+            )
             position_logits = self._position_logits(
-                q, k, relative_positions, scale, training
+                q, k, table, relative_positions, scale, training
             )
             if no_position_mask is not None:
                 keep = ops.logical_not(_checks.as_bool(no_position_mask))
@@ -597,16 +663,19 @@ class RelativeAttention(keras.layers.Layer):
             return logits
         return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
 
-    def _position_logits(self, q, k, relative_positions, scale, training):
+    def _position_logits(self, q, k, table, relative_positions, scale, training):
         """c2p + p2c, `(batch, heads, queries, keys)`, already scaled."""
-        table = ops.cast(self.position_embedding, self.compute_dtype)
-        n_positions, pos_size = self.position_embedding_shape
+        table = ops.cast(table, self.compute_dtype)
+        n_positions = table.shape[0]
+        if n_positions is None:  # a call-time table of unknown length
+            n_positions = ops.shape(table)[0]
+        pos_size = self.position_embedding_shape[1]
         coords = self.n_coordinates
         chunk = self.head_size // coords
 
         def project(proj):
             t = self._drop(table, training)
-            return proj(ops.reshape(t, (n_positions, coords, pos_size // coords)))
+            return proj(ops.reshape(t, (-1, coords, pos_size // coords)))
 
         # Position indices, shared by c2p and p2c: (batch or 1, 1, q, k, x)
         # Clip in the caller's dtype first: an int64 offset beyond the int32
@@ -681,12 +750,13 @@ class RelativeAttention(keras.layers.Layer):
         relative_positions=None,
         no_position_mask=None,
         base_attn=None,
+        position_embedding=None,
         training=None,
         **kwargs,
     ):
         self._check_call_inputs(
             content_queries, content_keys, content_values, mask,
-            relative_positions, no_position_mask, base_attn,
+            relative_positions, no_position_mask, base_attn, position_embedding,
         )
         shapes = self.compute_output_shape(
             _checks.shape_of(content_queries),
@@ -768,6 +838,15 @@ class _Projection(keras.layers.EinsumDense):
     equals the number of heads (a silent wrong answer, seen with Keras 3.15).
     `x - (-bias)` takes the plain broadcasting path on every backend.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_masking = True  # the parent layer handles masks
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # EinsumDense refuses subclasses by default; this one only changes
+        # the float bias add, so its quantized paths are EinsumDense's own.
+        super().quantize(mode, type_check=False, config=config)
 
     def call(self, inputs, training=None):
         if self.quantization_mode is not None:

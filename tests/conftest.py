@@ -24,6 +24,8 @@ def _reset_keras_state():
 def to_numpy(x):
     if x is None:
         return None
+    if hasattr(x, "detach"):  # a torch tensor that may require grad
+        x = x.detach()
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
@@ -62,3 +64,37 @@ def run_edspdf(module, inputs):
 
 def tmp_keras_path(tmp_path, name="model.keras"):
     return os.fspath(tmp_path / name)
+
+
+def gradients(layer, loss_fn, inputs):
+    """Gradients of `loss_fn(layer(**inputs))` w.r.t. the queries, then each
+    trainable weight, as numpy arrays, on any backend (`loss_fn` uses
+    `keras.ops` and returns a scalar)."""
+    inputs = dict(inputs)
+    q = keras.ops.convert_to_tensor(inputs.pop("content_queries"))
+    weights = layer.trainable_weights
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            loss = loss_fn(layer(q, **inputs))
+        grads = tape.gradient(loss, [q] + [w.value for w in weights])
+    elif BACKEND == "jax":
+        import jax
+
+        def loss_of(q, values):
+            out = layer.stateless_call(
+                values, [w.value for w in layer.non_trainable_variables], q, **inputs
+            )[0]
+            return loss_fn(out)
+
+        gq, gw = jax.grad(loss_of, argnums=(0, 1))(q, [w.value for w in weights])
+        grads = [gq] + list(gw)
+    else:
+        q.requires_grad_(True)
+        for w in weights:
+            w.value.grad = None
+        loss_fn(layer(q, **inputs)).backward()
+        grads = [q.grad] + [w.value.grad for w in weights]
+    return [to_numpy(g) for g in grads]
