@@ -8,7 +8,11 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["keras_relattn.relative_attention", "keras_relattn.porting"]
+MODULES = [
+    "keras_relattn.relative_attention",
+    "keras_relattn.porting",
+    "keras_relattn.position_table",
+]
 
 
 def readme_commands():
@@ -36,3 +40,28 @@ def test_docstring_examples_run(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def readme_python_blocks():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    blocks = []
+    for match in re.finditer(r"(<!--[^>]*-->\n)?```python\n(.*?)\n```", text, re.S):
+        if match.group(1) and "not executed" in match.group(1):
+            continue
+        blocks.append(match.group(2))
+    return blocks
+
+
+@pytest.mark.parametrize("index", range(len(readme_python_blocks())))
+def test_readme_python_block_runs(index):
+    exec(compile(readme_python_blocks()[index], f"README block {index}", "exec"), {})
+
+
+def test_readme_layout_map_is_the_one_tested():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "tests", "distribution_check.py")) as f:
+        check = f.read()
+    for line in re.findall(r'^layouts\["[^\n]*', readme, re.M):
+        assert line.strip() in check.replace("    layouts", "layouts"), line
