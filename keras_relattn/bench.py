@@ -1,0 +1,69 @@
+"""`python -m keras_relattn.bench`: time RelativeAttention against baselines.
+
+Systems, timed interleaved in one process (round-robin, one call each per
+round) so that machine noise hits them alike:
+
+- `ours`: this package's layer on the current Keras backend, compiled with the
+  backend's own compiler (`jax.jit`, `tf.function(jit_compile=True)`; torch
+  runs eagerly unless `--torch-compile`);
+- `keras_mha`: `keras.layers.MultiHeadAttention` returning its scores, on the
+  same backend and compiler: the cost of plain attention;
+- `edspdf`: edspdf's PyTorch `RelativeAttention`, eager, when installed. Ours
+  is checked against it (same weights, 1e-4) before anything is timed;
+- `deberta`: KerasHub's DeBERTa-v3 disentangled attention, when installed.
+
+Workloads (self attention, D=128, 4 heads, a 64-entry table, an all-true key
+mask, random relative positions within the table, all three modes):
+W1 batch 8 x length 128; W2 batch 4 x length 512; W3 batch 8 x length 256 with
+2-D positions. Prints medians and ratios, writes JSON, and with `--plot`
+draws time against sequence length (log-log) to a PNG.
+
+Pick the backend with `--backend` (the run re-executes itself with
+`KERAS_BACKEND` set) or with `KERAS_BACKEND`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "W1": dict(batch=8, length=128, coords=1),
+    "W2": dict(batch=4, length=512, coords=1),
+    "W3": dict(batch=8, length=256, coords=2),
+}
+SIZE, HEADS, POSITIONS = 128, 4, 64
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m keras_relattn.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["tensorflow", "jax", "torch"])
+    p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, of W1,W2,W3")
+    p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds per workload")
+    p.add_argument("--systems", default="ours,keras_mha,edspdf,deberta")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile ours")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, help="PNG: time vs length, log-log")
+    p.add_argument("--plot-lengths", default="64,128,256,512,1024")
+    p.add_argument("--plot-batch", type=int, default=2)
+    p.add_argument("--device", default=None, help="torch/jax device (e.g. cuda)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.backend and os.environ.get("KERAS_BACKEND") != args.backend:
+        env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
+        return subprocess.call([sys.executable, "-m", "keras_relattn.bench", *argv], env=env)
+    from keras_relattn import _bench_impl
+
+    return _bench_impl.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
