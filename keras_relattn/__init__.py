@@ -1,14 +1,20 @@
 """keras-relattn: DeBERTa-style relative attention for Keras 3 (TF, JAX, torch)."""
 
+from keras_relattn import positions
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.position_table import PositionTable
+from keras_relattn.positions import sinusoidal_table
 from keras_relattn.relative_attention import RelativeAttention
+from keras_relattn.transformer import RelativeTransformerLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PositionTable",
     "RelativeAttention",
+    "RelativeTransformerLayer",
     "edspdf_state_dict",
     "load_edspdf_state_dict",
+    "positions",
+    "sinusoidal_table",
 ]

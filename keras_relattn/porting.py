@@ -64,6 +64,16 @@ def _grouped_linear(prefix, dense):
     ]
 
 
+def _dense(prefix, dense):
+    """A `keras.layers.Dense` as a `torch.nn.Linear`."""
+    kernel = dense.kernel  # (in, out)
+    n_in, n_out = kernel.shape
+    return [
+        _Entry(f"{prefix}.weight", kernel, (n_out, n_in), lambda a: a.T, lambda a: a.T),
+        _identity(dense.bias, f"{prefix}.bias"),
+    ]
+
+
 def _identity(variable, name):
     return _Entry(name, variable, variable.shape, lambda a: a, lambda a: a)
 
@@ -113,6 +123,9 @@ def _to_numpy(value):
 
 def load_edspdf_state_dict(layer, state_dict):
     """Loads an edspdf `state_dict` into a keras_relattn layer.
+
+    `RelativeAttention` takes the state dict of edspdf's `RelativeAttention`,
+    `RelativeTransformerLayer` that of its `BoxTransformerLayer`.
 
     Every tensor must be present with the right shape and every key of the
     state dict must be used: all the problems are listed in one error.

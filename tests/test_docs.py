@@ -12,6 +12,8 @@ MODULES = [
     "keras_relattn.relative_attention",
     "keras_relattn.porting",
     "keras_relattn.position_table",
+    "keras_relattn.positions",
+    "keras_relattn.transformer",
 ]
 
 

@@ -1,0 +1,193 @@
+"""Relative positions for `RelativeAttention`, written with `keras.ops`.
+
+Every helper returns *key minus query* offsets, the sign convention of
+edspdf's box positions, shaped `(batch or 1, n_queries, n_keys,
+n_coordinates)` so that the result feeds `relative_positions` directly.
+They run on every backend and inside models (on symbolic tensors too).
+"""
+
+import math
+
+import numpy as np
+from keras import ops
+
+
+def sequence_relative_positions(query_length, key_length=None):
+    """Offsets of 1-D sequences: `key index - query index`.
+
+    Args:
+        query_length: int or scalar tensor, number of queries.
+        key_length: int or scalar tensor, number of keys. Defaults to
+            `query_length`.
+
+    Returns:
+        int32 tensor `(1, query_length, key_length, 1)`; one tensor serves
+        the whole batch (the layer broadcasts a batch of 1).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_relattn.positions import sequence_relative_positions
+    >>> p = sequence_relative_positions(3)
+    >>> keras.ops.convert_to_numpy(p)[0, :, :, 0].tolist()
+    [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]]
+    """
+    key_length = query_length if key_length is None else key_length
+    queries = ops.arange(query_length, dtype="int32")
+    keys = ops.arange(key_length, dtype="int32")
+    offsets = keys[None, :] - queries[:, None]
+    return offsets[None, :, :, None]
+
+
+def grid_relative_positions(height, width):
+    """Offsets between the patches of a `height x width` grid (row-major).
+
+    Args:
+        height: int, rows of the grid.
+        width: int, columns of the grid.
+
+    Returns:
+        int32 tensor `(1, height * width, height * width, 2)`: coordinate 0
+        is the column (x) offset, coordinate 1 the row (y) offset, both key
+        minus query. Patch `i` sits at row `i // width`, column `i % width`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_relattn.positions import grid_relative_positions
+    >>> p = keras.ops.convert_to_numpy(grid_relative_positions(2, 3))
+    >>> p.shape, p[0, 0, 5].tolist()  # from patch (0, 0) to patch (1, 2)
+    ((1, 6, 6, 2), [2, 1])
+    """
+    index = ops.arange(height * width, dtype="int32")
+    rows, cols = index // width, index % width
+    dx = cols[None, :] - cols[:, None]
+    dy = rows[None, :] - rows[:, None]
+    return ops.stack([dx, dy], axis=-1)[None]
+
+
+def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
+    """Relative positions of boxes on pages, as edspdf computes them.
+
+    Equal to `edspdf.utils.torch.compute_pdf_relative_positions`: the x
+    offset is the difference of the boxes' left edges times
+    `n_relative_positions`, truncated to an integer; the y offset counts, in
+    line heights, the vertical gap between two boxes (0 where they overlap
+    vertically), signed key minus query. (`width` is accepted for parity
+    and, as in edspdf, unused.)
+
+    Args:
+        x0, y0, x1, y1: float tensors `(pages, boxes)`, box corners in page
+            units (edspdf uses coordinates relative to the page, in [0, 1]).
+        width, height: float tensors `(pages, boxes)`, box sizes.
+        n_relative_positions: int, the scale of the x offsets (the size of
+            edspdf's position table).
+
+    Returns:
+        int32 tensor `(pages, boxes, boxes, 2)` (x offset, y offset).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_relattn.positions import box_relative_positions
+    >>> x0 = np.array([[0.1, 0.5]]); x1 = x0 + 0.2
+    >>> y0 = np.array([[0.1, 0.3]]); y1 = y0 + 0.05
+    >>> p = box_relative_positions(x0, y0, x1, y1, x1 - x0, y1 - y0, 64)
+    >>> keras.ops.convert_to_numpy(p)[0].tolist()
+    [[[0, 0], [25, 4]], [[-25, -4], [0, 0]]]
+    """
+    x0, y0, x1, y1, height = (
+        ops.convert_to_tensor(t, dtype="float32") for t in (x0, y0, x1, y1, height)
+    )
+    dx = ops.cast((x0[:, None, :] - x0[:, :, None]) * n_relative_positions, "int32")
+    dy = y0[:, None, :] - y0[:, :, None]
+    # The query's height when the key is below it (dy >= 0), else the key's.
+    ref_height = ops.where(dy >= 0, height[:, :, None], height[:, None, :])
+    dy0 = y1[:, None, :] - y0[:, :, None]  # query top -> key bottom
+    dy1 = y0[:, None, :] - y1[:, :, None]  # query bottom -> key top
+    offset = 0.5
+    below = ops.logical_and(ops.sign(dy0 + offset) > 0, ops.sign(dy1 + offset) > 0)
+    above = ops.logical_and(ops.sign(dy0 - offset) < 0, ops.sign(dy1 - offset) < 0)
+    dy = ops.where(
+        below,
+        ops.ceil(ops.minimum(dy0, dy1) / ref_height + offset),
+        ops.where(above, ops.floor(ops.maximum(dy0, dy1) / ref_height - offset), 0.0),
+    )
+    dy = ops.cast(ops.ceil(ops.abs(dy)) * ops.sign(dy), "int32")
+    return ops.stack([dx, dy], axis=-1)
+
+
+def log_bucket_positions(relative_positions, bucket_size, max_position):
+    """DeBERTa's log buckets: exact near 0, logarithmic further away.
+
+    Offsets with `|r| <= bucket_size // 2` are kept; larger ones map to
+    `sign(r) * (mid + ceil(log(|r| / mid) / log((max_position - 1) / mid)
+    * (mid - 1)))` with `mid = bucket_size // 2`, so offsets up to
+    `max_position` fit a table of about `bucket_size` rows per side. This is
+    the formula of DeBERTa-v2/v3 (`make_log_bucket_position`).
+
+    Args:
+        relative_positions: integer tensor of offsets, any shape.
+        bucket_size: int, number of exact positions (both signs together).
+        max_position: int, the largest offset expected.
+
+    Returns:
+        int32 tensor of the same shape. Use a table of
+        `2 * bucket_size` (or more) rows, or any size: the layer clamps.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_relattn.positions import log_bucket_positions
+    >>> p = log_bucket_positions(keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500]), 8, 512)
+    >>> keras.ops.convert_to_numpy(p).tolist()
+    [0, 3, -4, 5, 6, -7]
+    """
+    if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
+        raise ValueError(
+            "`log_bucket_positions` needs bucket_size >= 4 and max_position > "
+            f"bucket_size // 2 + 1. Received bucket_size={bucket_size}, "
+            f"max_position={max_position}"
+        )
+    rel = ops.cast(relative_positions, "int32")
+    mid = bucket_size // 2
+    sign = ops.sign(rel)
+    near = ops.logical_and(rel < mid, rel > -mid)
+    abs_pos = ops.cast(ops.where(near, mid - 1, ops.abs(rel)), "float32")
+    scale = (mid - 1) / math.log((max_position - 1) / mid)
+    log_pos = ops.ceil(ops.log(abs_pos / mid) * scale) + mid
+    bucket = ops.where(abs_pos <= mid, rel, ops.cast(log_pos, "int32") * sign)
+    return ops.cast(bucket, "int32")
+
+
+def sinusoidal_table(n_positions, size, temperature=10000.0):
+    """The fixed sinusoidal table of edspdf's `SinusoidalEmbedding`.
+
+    Row `p`, channel `2i` is `sin(p / temperature ** (2i / size))` and
+    channel `2i + 1` the matching cosine.
+
+    Args:
+        n_positions: int, rows of the table.
+        size: int, channels (even or odd, as edspdf).
+        temperature: float, controls the range of frequencies.
+
+    Returns:
+        float32 numpy array `(n_positions, size)`, ready for
+        `RelativeAttention(position_embedding=...)`.
+
+    Example:
+
+    >>> from keras_relattn import sinusoidal_table
+    >>> t = sinusoidal_table(4, 6)
+    >>> t.shape, float(t[0, 1])
+    ((4, 6), 1.0)
+    """
+    position = np.arange(n_positions, dtype=np.float32)[:, None]
+    div_term = np.exp(
+        np.arange(0, size, 2, dtype=np.float32) * (-math.log(temperature) / size)
+    ).astype(np.float32)
+    angles = (position * div_term).astype(np.float32)
+    table = np.zeros((n_positions, size), dtype=np.float32)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles[:, : size // 2])
+    return table

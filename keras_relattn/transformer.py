@@ -1,0 +1,235 @@
+"""`RelativeTransformerLayer`: edspdf's `BoxTransformerLayer` for Keras."""
+
+import keras
+from keras import ops
+
+from keras_relattn.relative_attention import RelativeAttention
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+@keras.saving.register_keras_serializable(package="keras_relattn")
+class RelativeTransformerLayer(keras.layers.Layer):
+    """Relative self attention and a feed-forward block, with gated residuals.
+
+    The equivalent of edspdf's `BoxTransformerLayer`:
+
+    ```
+    update, logits = attention(x, x, x, mask, relative_positions, ...)
+    x = norm(x + dropout(update) * resweight)
+    x = norm2(x + dropout(linear2(dropout(act(linear1(x))))) * resweight2)
+    ```
+
+    `resweight` and `resweight2` are learnt scalars starting at
+    `init_resweight` (0: the layer starts as the identity, then normalized).
+    Weights port both ways with edspdf's names through
+    `keras_relattn.load_edspdf_state_dict` / `edspdf_state_dict`.
+
+    Args:
+        input_size: int, feature size of the embeddings.
+        num_heads: int, attention heads.
+        dropout_p: float, dropout of the attention and of the residual
+            branches.
+        head_size: int, size of each attention head (default
+            `input_size // num_heads`).
+        activation: `"gelu"` (exact, as torch's) or `"relu"`.
+        init_resweight: float, initial value of the residual gates.
+        attention_mode: terms of the attention, see `RelativeAttention`.
+        position_embedding: optional `(n_positions, position_size)` array, the
+            attention's own table.
+        n_coordinates: int, coordinates of a relative position (edspdf's
+            layer always uses 2).
+        position_embedding_shape: optional, as in `RelativeAttention`; use
+            `(None, position_size)` to pass a shared table at call time.
+        position_embedding_trainable: bool, whether an owned table trains.
+        layer_norm_epsilon: float, default 1e-5 as `torch.nn.LayerNorm`.
+        **kwargs: other `keras.layers.Layer` arguments.
+
+    Call arguments:
+        embeds: `(batch, length, input_size)`.
+        mask: `(batch, length)` bool, True = a real element. Filled from the
+            embeddings' Keras mask when not given. `None`: all real.
+        relative_positions: `(batch or 1, length, length, n_coordinates)`
+            int tensor.
+        no_position_mask: `(batch or 1, length, length)` bool.
+        position_embedding: optional shared table for the attention.
+        training: bool.
+
+    Returns:
+        `(embeds, attention_logits)`: `(batch, length, input_size)` and
+        `(batch, length, length, num_heads)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_relattn import RelativeTransformerLayer
+    >>> from keras_relattn.positions import grid_relative_positions
+    >>> layer = RelativeTransformerLayer(32, num_heads=2, init_resweight=0.1,
+    ...     position_embedding=np.random.normal(size=(9, 16)).astype("float32"))
+    >>> x = np.random.normal(size=(2, 6, 32)).astype("float32")
+    >>> out, logits = layer(x, relative_positions=grid_relative_positions(2, 3))
+    >>> tuple(out.shape), tuple(logits.shape)
+    ((2, 6, 32), (2, 6, 6, 2))
+
+    References:
+        - edspdf, `edspdf.layers.box_transformer.BoxTransformerLayer`.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        num_heads=2,
+        dropout_p=0.0,
+        head_size=None,
+        activation="gelu",
+        init_resweight=0.0,
+        attention_mode=("c2c", "c2p", "p2c"),
+        position_embedding=None,
+        n_coordinates=2,
+        position_embedding_shape=None,
+        position_embedding_trainable=False,
+        layer_norm_epsilon=1e-5,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {ACTIVATIONS}. Received: "
+                f"activation={activation!r} (edspdf's 'glu' halves the "
+                "features and cannot feed its own second linear layer)."
+            )
+        self.input_size = input_size
+        self.num_heads = num_heads
+        self.dropout_p = float(dropout_p)
+        self.activation = activation
+        self.init_resweight = float(init_resweight)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.seed = seed
+        self.attention = RelativeAttention(
+            size=input_size,
+            n_heads=num_heads,
+            head_size=head_size,
+            position_embedding=position_embedding,
+            position_embedding_shape=position_embedding_shape,
+            position_embedding_trainable=position_embedding_trainable,
+            dropout_p=dropout_p,
+            n_coordinates=n_coordinates,
+            mode=attention_mode,
+            do_pooling=True,
+            seed=seed,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        common = dict(dtype=self.dtype_policy)
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="norm", **common
+        )
+        self.norm2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="norm2", **common
+        )
+        self.linear1 = keras.layers.Dense(2 * input_size, name="linear1", **common)
+        self.linear2 = keras.layers.Dense(input_size, name="linear2", **common)
+        self.dropout = (
+            keras.layers.Dropout(self.dropout_p, seed=seed, **common)
+            if self.dropout_p > 0
+            else None
+        )
+        self.supports_masking = True
+
+    def build(self, embeds_shape=None):
+        self.attention.build()
+        shape = (None, None, self.input_size)
+        self.norm.build(shape)
+        self.norm2.build(shape)
+        self.linear1.build(shape)
+        self.linear2.build((None, None, 2 * self.input_size))
+        gate = keras.initializers.Constant(self.init_resweight)
+        self.resweight = self.add_weight(name="resweight", shape=(1,), initializer=gate)
+        self.resweight2 = self.add_weight(name="resweight2", shape=(1,), initializer=gate)
+        self.built = True
+
+    def _drop(self, x, training):
+        return x if self.dropout is None else self.dropout(x, training=training)
+
+    def _activation(self, x):
+        if self.activation == "gelu":
+            return keras.activations.gelu(x, approximate=False)
+        return keras.activations.relu(x)
+
+    def call(
+        self,
+        embeds,
+        mask=None,
+        relative_positions=None,
+        no_position_mask=None,
+        position_embedding=None,
+        training=None,
+        embeds_mask=None,
+    ):
+        if mask is None:
+            mask = embeds_mask
+        update, logits = self.attention(
+            embeds, embeds, embeds, mask=mask, relative_positions=relative_positions,
+            no_position_mask=no_position_mask, position_embedding=position_embedding,
+            training=training,
+        )
+        gate = ops.cast(self.resweight, self.compute_dtype)
+        embeds = self.norm(embeds + self._drop(update, training) * gate)
+        hidden = self._drop(self._activation(self.linear1(embeds)), training)
+        update = self.linear2(hidden)
+        gate2 = ops.cast(self.resweight2, self.compute_dtype)
+        embeds = self.norm2(embeds + self._drop(update, training) * gate2)
+        return embeds, logits
+
+    def compute_output_spec(self, embeds, *args, **kwargs):
+        batch, length = embeds.shape[0], embeds.shape[1]
+        return (
+            keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype),
+            keras.KerasTensor(
+                (batch, length, length, self.attention.total_heads),
+                dtype=self.compute_dtype,
+            ),
+        )
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.attention.compute_mask(inputs, previous_mask)
+
+    def _edspdf_entries(self, prefix=""):
+        from keras_relattn import porting
+
+        entries = porting._attention_entries(self.attention, prefix + "attention.")
+        entries.append(porting._identity(self.resweight, prefix + "resweight"))
+        entries.append(porting._identity(self.resweight2, prefix + "resweight2"))
+        for name in ("norm", "norm2"):
+            layer = getattr(self, name)
+            entries.append(porting._identity(layer.gamma, f"{prefix}{name}.weight"))
+            entries.append(porting._identity(layer.beta, f"{prefix}{name}.bias"))
+        for name in ("linear1", "linear2"):
+            entries += porting._dense(f"{prefix}{name}", getattr(self, name))
+        return entries
+
+    def get_config(self):
+        config = super().get_config()
+        attention = self.attention
+        config.update(
+            input_size=self.input_size,
+            num_heads=self.num_heads,
+            dropout_p=self.dropout_p,
+            head_size=attention.head_size,
+            activation=self.activation,
+            init_resweight=self.init_resweight,
+            attention_mode=list(attention.mode),
+            position_embedding=None,
+            n_coordinates=attention.n_coordinates,
+            position_embedding_shape=(
+                None
+                if attention.position_embedding_shape is None
+                else list(attention.position_embedding_shape)
+            ),
+            position_embedding_trainable=attention.position_embedding_trainable,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            seed=self.seed,
+        )
+        return config
+
