@@ -150,6 +150,10 @@ def load_edspdf_state_dict(layer, state_dict):
     >>> same = keras.ops.all(keras.ops.equal(a(x), b(x)))
     >>> bool(keras.ops.convert_to_numpy(same))
     True
+
+    References:
+        - edspdf, `edspdf.layers.relative_attention.RelativeAttention` and
+          `edspdf.layers.box_transformer.BoxTransformerLayer`.
     """
     entries = _entries(layer)
     problems = []
@@ -190,9 +194,28 @@ def load_edspdf_state_dict(layer, state_dict):
 def edspdf_state_dict(layer):
     """The layer's weights as an edspdf `state_dict` of numpy arrays.
 
-    `{k: torch.from_numpy(v) for k, v in edspdf_state_dict(layer).items()}`
-    loads with `load_state_dict(..., strict=True)` into the edspdf module of
-    the same configuration.
+    Shared projections appear under both of their edspdf names, as
+    `torch.nn.Module.state_dict` writes them.
+
+    Args:
+        layer: a `RelativeAttention` or `RelativeTransformerLayer` (built
+            on demand).
+
+    Returns:
+        dict of edspdf parameter names to numpy arrays; with
+        `{k: torch.from_numpy(v) for k, v in ...items()}` it loads with
+        `load_state_dict(..., strict=True)` into the edspdf module of the
+        same configuration.
+
+    Example:
+
+    >>> from keras_relattn import RelativeAttention, edspdf_state_dict
+    >>> state = edspdf_state_dict(RelativeAttention(8, 2, n_additional_heads=1))
+    >>> {k: v.shape for k, v in state.items() if k.startswith("content_key")}
+    {'content_key_proj.weight': (12, 8), 'content_key_proj.bias': (12,)}
+
+    References:
+        - edspdf, `edspdf.layers.relative_attention.RelativeAttention`.
     """
     return {
         entry.name: np.ascontiguousarray(

@@ -43,6 +43,12 @@ class PositionTable(keras.layers.Layer):
     >>> model = keras.Model([tokens, positions], x)
     >>> [w.path for w in model.weights if w.shape == (32, 16)]
     ['table/embeddings']
+
+    References:
+        - edspdf, `edspdf.layers.box_transformer.BoxTransformerModule`
+          (one trainable table shared by its layers).
+        - KerasHub, `keras_hub.layers.RelativeEmbedding` (DeBERTa-v3's
+          table, computed once and passed to every layer).
     """
 
     def __init__(

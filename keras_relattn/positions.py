@@ -31,6 +31,10 @@ def sequence_relative_positions(query_length, key_length=None):
     >>> p = sequence_relative_positions(3)
     >>> keras.ops.convert_to_numpy(p)[0, :, :, 0].tolist()
     [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]]
+
+    References:
+        - Shaw et al., "Self-Attention with Relative Position
+          Representations", NAACL 2018.
     """
     key_length = query_length if key_length is None else key_length
     queries = ops.arange(query_length, dtype="int32")
@@ -58,6 +62,10 @@ def grid_relative_positions(height, width):
     >>> p = keras.ops.convert_to_numpy(grid_relative_positions(2, 3))
     >>> p.shape, p[0, 0, 5].tolist()  # from patch (0, 0) to patch (1, 2)
     ((1, 6, 6, 2), [2, 1])
+
+    References:
+        - Wu et al., "Rethinking and Improving Relative Position Encoding
+          for Vision Transformer", ICCV 2021 (2-D relative positions).
     """
     index = ops.arange(height * width, dtype="int32")
     rows, cols = index // width, index % width
@@ -95,6 +103,9 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     >>> p = box_relative_positions(x0, y0, x1, y1, x1 - x0, y1 - y0, 64)
     >>> keras.ops.convert_to_numpy(p)[0].tolist()
     [[[0, 0], [25, 4]], [[-25, -4], [0, 0]]]
+
+    References:
+        - edspdf, `edspdf.utils.torch.compute_pdf_relative_positions`.
     """
     x0, y0, x1, y1, height = (
         ops.convert_to_tensor(t, dtype="float32") for t in (x0, y0, x1, y1, height)
@@ -142,6 +153,10 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
     >>> p = log_bucket_positions(keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500]), 8, 512)
     >>> keras.ops.convert_to_numpy(p).tolist()
     [0, 3, -4, 5, 6, -7]
+
+    References:
+        - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
+          Attention", ICLR 2021 (log buckets: DeBERTa-v2/v3 code).
     """
     if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
         raise ValueError(
@@ -181,6 +196,10 @@ def sinusoidal_table(n_positions, size, temperature=10000.0):
     >>> t = sinusoidal_table(4, 6)
     >>> t.shape, float(t[0, 1])
     ((4, 6), 1.0)
+
+    References:
+        - edspdf, `edspdf.layers.sinusoidal_embedding.SinusoidalEmbedding`.
+        - Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
     """
     position = np.arange(n_positions, dtype=np.float32)[:, None]
     div_term = np.exp(

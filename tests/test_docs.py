@@ -67,3 +67,21 @@ def test_readme_layout_map_is_the_one_tested():
         check = f.read()
     for line in re.findall(r'^layouts\["[^\n]*', readme, re.M):
         assert line.strip() in check.replace("    layouts", "layouts"), line
+
+
+def public_objects():
+    import keras_relattn
+    from keras_relattn import positions
+
+    names = [getattr(keras_relattn, n) for n in keras_relattn.__all__ if n != "positions"]
+    names += [getattr(positions, n) for n in dir(positions)
+              if n.endswith(("_positions", "_table")) and callable(getattr(positions, n))]
+    return names
+
+
+@pytest.mark.parametrize("obj", public_objects(), ids=lambda o: o.__name__)
+def test_public_names_have_kerashub_style_docstrings(obj):
+    doc = obj.__doc__ or ""
+    for section in ("Args:", "Returns:", "Example:", "References:"):
+        assert section in doc, f"{obj.__name__} lacks {section}"
+    assert ">>>" in doc
