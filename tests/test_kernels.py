@@ -16,7 +16,11 @@ def test_take_rows_equals_ops_take(rng):
     np.testing.assert_array_equal(fast, table[rows])
 
 
-def test_position_logits_equal_a_direct_gather(rng):
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_position_logits_equal_a_direct_gather(block_diagonal, rng):
     """The score-then-gather kernel against gathering table rows per pair."""
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
@@ -25,7 +29,8 @@ def test_position_logits_equal_a_direct_gather(rng):
     pos_k = rng.normal(size=(p, x, h, chunk)).astype("float32")
     index = rng.integers(0, p, size=(1, nq, nk, x)).astype("int32")
     got = to_numpy(_kernels.position_logits(
-        *(ops.convert_to_tensor(a) for a in (q, k, pos_q, pos_k, index))))
+        *(ops.convert_to_tensor(a) for a in (q, k, pos_q, pos_k, index)),
+        block_diagonal=block_diagonal))
     qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)
     want = np.zeros((b, nq, nk, h), "float64")
     for c in range(x):
