@@ -119,17 +119,23 @@ def edspdf_system(coords, data, backward, ours, check_rng):
               for g, w in zip(got, want))
     if err > 1e-4:
         raise AssertionError(f"ours differs from edspdf by {err:.2e}")
-    tx, tm, tr = torch.as_tensor(x), torch.as_tensor(mask), torch.as_tensor(rel).long()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device)
+    tx, tm, tr = (torch.as_tensor(a).to(device) for a in (x, mask, rel))
+    tr = tr.long()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if backward:
         def run():
             module.zero_grad()
             pooled, logits = module(tx, tx, tx, tm, relative_positions=tr)
             (pooled.sum() + logits.sum()).backward()
+            sync()
         return run, err
 
     def run_forward():
         with torch.no_grad():
             module(tx, tx, tx, tm, relative_positions=tr)
+        sync()
     return run_forward, err
 
 
