@@ -65,6 +65,12 @@ def _table_shape(position_embedding, position_embedding_shape):
     return shape
 
 
+# The call arguments besides the three inputs that `_check_call_inputs` checks.
+_CHECKED_CALL_ARGUMENTS = (
+    "mask", "relative_positions", "no_position_mask", "base_attn", "position_embedding",
+)
+
+
 @keras.saving.register_keras_serializable(package="keras_relattn")
 class RelativeAttention(keras.layers.Layer):
     """Disentangled relative self/cross attention (edspdf / DeBERTa style).
@@ -477,8 +483,8 @@ class RelativeAttention(keras.layers.Layer):
             )
 
     def _check_call_inputs(
-        self, queries, keys, values, mask, relative_positions,
-        no_position_mask, base_attn, position_embedding=None,
+        self, queries, keys, values, mask=None, relative_positions=None,
+        no_position_mask=None, base_attn=None, position_embedding=None,
     ):
         q_shape = _checks.shape_of(queries)
         k_shape = None if keys is None else _checks.shape_of(keys)
@@ -744,21 +750,12 @@ class RelativeAttention(keras.layers.Layer):
         return (batch, n_queries, self.size), logits
 
     def compute_output_spec(
-        self,
-        content_queries,
-        content_keys=None,
-        content_values=None,
-        mask=None,
-        relative_positions=None,
-        no_position_mask=None,
-        base_attn=None,
-        position_embedding=None,
-        training=None,
-        **kwargs,
+        self, content_queries, content_keys=None, content_values=None, **kwargs
     ):
+        # Same checks as `call`, so that symbolic models fail when built.
         self._check_call_inputs(
-            content_queries, content_keys, content_values, mask,
-            relative_positions, no_position_mask, base_attn, position_embedding,
+            content_queries, content_keys, content_values,
+            **{name: kwargs.get(name) for name in _CHECKED_CALL_ARGUMENTS},
         )
         shapes = self.compute_output_shape(
             _checks.shape_of(content_queries),
