@@ -858,9 +858,11 @@ class _Projection(keras.layers.EinsumDense):
 
 def _softmax(x, axis):
     # keras.ops.softmax warns on a length-1 axis, a legitimate case here (one
-    # key); this is the same numerically stable formula.
-    x = ops.exp(x - ops.stop_gradient(ops.max(x, axis=axis, keepdims=True)))
-    return x / ops.sum(x, axis=axis, keepdims=True)
+    # key), where the softmax is 1. Otherwise use the backends' fused softmax
+    # (torch's is 2x faster than max/exp/sum/divide as separate ops).
+    if x.shape[axis] == 1:
+        return ops.ones_like(x)
+    return ops.softmax(x, axis=axis)
 
 
 class _ArrayInitializer(keras.initializers.Initializer):
