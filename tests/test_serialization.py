@@ -171,3 +171,12 @@ def test_keyword_inputs_without_values_return_logits(rng):
     model = keras.Model([x, rp], logits)
     out = model([rng.normal(size=(2, 3, 8)), np.zeros((2, 3, 3, 1), "int32")])
     assert tuple(out.shape) == (2, 3, 3, 2)
+
+
+def test_table_from_a_backend_tensor_is_kept_as_a_weight(rng):
+    table = rng.normal(size=(7, 8)).astype("float32")
+    layer = RelativeAttention(8, 2, position_embedding=keras.ops.convert_to_tensor(table))
+    layer.build()
+    np.testing.assert_array_equal(to_numpy(layer.position_embedding), table)
+    assert layer.get_config()["position_embedding_shape"] == [7, 8]
+    assert "position_embedding" in [w.path.split("/")[-1] for w in layer.weights]
