@@ -94,7 +94,7 @@ def build_ours(coords):
                              n_coordinates=coords, mode=("c2c", "c2p", "p2c"))
 
 
-def edspdf_system(coords, data, backward, ours, check_rng):
+def edspdf_system(coords, data, backward, ours):
     """The edspdf module and its runner; also checks `ours` against it."""
     import torch
     from edspdf.layers.relative_attention import RelativeAttention as Edspdf
@@ -160,13 +160,13 @@ def deberta_system(data, backward):
                                                   attn_mask))
 
 
-def systems_for(name_list, coords, data, backward, args, rng):
+def systems_for(name_list, coords, data, backward, args):
     systems, notes = {}, {}
     ours = build_ours(coords)
     ours.build()
     if "edspdf" in name_list:
         try:
-            systems["edspdf"], err = edspdf_system(coords, data, backward, ours, rng)
+            systems["edspdf"], err = edspdf_system(coords, data, backward, ours)
             notes["max_abs_error_vs_edspdf"] = err
         except ImportError:
             notes["edspdf"] = "not installed"
@@ -217,7 +217,7 @@ def run(args):
     for w in [w.strip() for w in args.workloads.split(",")]:
         spec = WORKLOADS[w]
         data = make_data(rng, spec["batch"], spec["length"], spec["coords"])
-        systems, notes = systems_for(names, spec["coords"], data, args.backward, args, rng)
+        systems, notes = systems_for(names, spec["coords"], data, args.backward, args)
         medians = time_interleaved(systems, args.repeats)
         entry = {"spec": spec, "median_ms": medians, **notes}
         for name, ms in medians.items():
@@ -252,7 +252,7 @@ def scaling(args, names, rng):
     curves = {}
     for length in lengths:
         data = make_data(rng, args.plot_batch, length, 1)
-        systems, _ = systems_for(names, 1, data, args.backward, args, rng)
+        systems, _ = systems_for(names, 1, data, args.backward, args)
         for name, ms in time_interleaved(systems, max(3, args.repeats // 3), warmup=1).items():
             curves.setdefault(name, {})[length] = ms
         print(f"  length {length}: " + ", ".join(

@@ -25,8 +25,9 @@ def take_rows(table, rows):
     if backend == "jax":
         import jax
 
-        # The barrier keeps XLA from fusing the score table's transposed
-        # copy into the gather (which then reads each row with a stride).
+        # The barrier asks XLA to gather from the finished score table rather
+        # than fuse the table's producer into the gather (measured W1 5.1 ->
+        # 2.9 ms before the block-diagonal scores; kept, not re-measured since).
         table = jax.lax.optimization_barrier(table)
         return table.at[rows].get(mode="promise_in_bounds")
     if backend == "torch":

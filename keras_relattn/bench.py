@@ -23,11 +23,9 @@ Pick the backend with `--backend` (the run re-executes itself with
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import time
 
 WORKLOADS = {
     "W1": dict(batch=8, length=128, coords=1),
@@ -50,7 +48,6 @@ def parse(argv):
     p.add_argument("--plot", default=None, help="PNG: time vs length, log-log")
     p.add_argument("--plot-lengths", default="64,128,256,512,1024")
     p.add_argument("--plot-batch", type=int, default=2)
-    p.add_argument("--device", default=None, help="torch/jax device (e.g. cuda)")
     return p.parse_args(argv)
 
 

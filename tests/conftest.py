@@ -1,6 +1,5 @@
 """Shared helpers. The backend is chosen by KERAS_BACKEND, one process each."""
 
-import os
 
 import keras
 import numpy as np
@@ -60,10 +59,6 @@ def run_edspdf(module, inputs):
     if isinstance(out, tuple):
         return tuple(o.numpy() for o in out)
     return out.numpy()
-
-
-def tmp_keras_path(tmp_path, name="model.keras"):
-    return os.fspath(tmp_path / name)
 
 
 def gradients(layer, loss_fn, inputs):

@@ -1,7 +1,6 @@
 """At home in Keras: symbolic shapes, masks, jit, mixed precision, training,
 shared tables and adapters (distribution is in test_distribution.py)."""
 
-import os
 
 import keras
 import numpy as np
@@ -26,7 +25,7 @@ def attention(rng, **kwargs):
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("values", [False, True])
 @pytest.mark.parametrize("lengths", [(None, None), (5, 7)])
-def test_symbolic_output_shapes_and_dtypes(cross, values, lengths, rng):
+def test_symbolic_output_shapes_and_dtypes(cross, values, lengths):
     layer = RelativeAttention(16, 2, query_size=12, key_size=20 if cross else 12,
                               value_size=10, n_additional_heads=1)
     nq, nk = lengths if cross else (lengths[0], lengths[0])
@@ -136,7 +135,7 @@ def test_pooled_output_carries_the_query_mask(rng):
 
 
 # ---------------------------------------------------------------- 3. compiled
-def positional_model(rng, dropout_p=0.0, mode=("c2c", "c2p", "p2c"), vocab=8):
+def positional_model(dropout_p=0.0, mode=("c2c", "c2p", "p2c"), vocab=8):
     ids = keras.Input((None,), dtype="int32", name="ids")
     positions = keras.Input((None, None, 1), dtype="int32", name="positions")
     x = keras.layers.Embedding(vocab, 32)(ids)
@@ -157,7 +156,7 @@ def shift_task(rng, n, length, vocab=8, shift=2):
 
 
 def test_compiled_fit_and_predict_with_varying_lengths(rng):
-    model = positional_model(rng, dropout_p=0.1)
+    model = positional_model(dropout_p=0.1)
     traces = []
     layer = model.get_layer("attention")
     original_call = layer.call
@@ -212,8 +211,6 @@ def test_dropout_under_compiled_training_uses_fresh_masks(rng):
 # --------------------------------------------------------- 4. mixed precision
 @pytest.mark.parametrize("policy, atol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 8e-2)])
 def test_mixed_precision_is_close_to_float32_and_finite(policy, atol, rng):
-    if BACKEND == "tensorflow" and policy == "mixed_float16":
-        pass  # TF runs float16 einsums on CPU too
     full = attention(rng, n_additional_heads=1)
     half = attention(rng, n_additional_heads=1, dtype=policy)
     full.build(), half.build()
@@ -284,7 +281,7 @@ def test_positional_modes_learn_what_content_alone_cannot(rng):
     accuracy = {}
     for mode in [("c2c",), ("c2c", "c2p", "p2c")]:
         keras.utils.set_random_seed(0)
-        model = positional_model(rng, mode=mode)
+        model = positional_model(mode=mode)
         model.compile(keras.optimizers.Adam(1e-2),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"], jit_compile=BACKEND != "torch")
@@ -327,12 +324,9 @@ def test_shared_table_is_one_trained_weight_before_and_after_saving(rng, tmp_pat
     loaded = keras.saving.load_model(path)
     assert len(table_weights(loaded)) == 1
     np.testing.assert_array_equal(to_numpy(loaded(data)), to_numpy(model(data)))
-    # Still shared after loading: changing the one table changes every layer.
-    table = table_weights(loaded)[0]
-    table.assign(to_numpy(table) + 1.0)
+    # Still shared after loading: no attention layer came back with a copy.
     for i in range(3):
-        layer = loaded.get_layer(f"attention_{i}")
-        assert not layer.owns_table
+        assert not loaded.get_layer(f"attention_{i}").owns_table
 
 
 def test_call_time_table_equals_an_owned_table(rng):

@@ -4,7 +4,6 @@ import json
 
 import keras
 import numpy as np
-import pytest
 
 from conftest import to_numpy
 from keras_relattn import RelativeAttention
