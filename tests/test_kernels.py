@@ -1,6 +1,7 @@
 """Backend-specific fast paths against the generic keras.ops path."""
 
 import numpy as np
+import pytest
 from keras import ops
 
 from conftest import to_numpy
@@ -16,26 +17,37 @@ def test_take_rows_equals_ops_take(rng):
     np.testing.assert_array_equal(fast, table[rows])
 
 
-import pytest  # noqa: E402
+def test_take_columns_equals_ops_take(rng):
+    table = rng.normal(size=(3, 50)).astype("float32")
+    columns = rng.integers(0, 50, size=(2, 5, 7)).astype("int32")
+    fast = to_numpy(_kernels.take_columns(
+        ops.convert_to_tensor(table), ops.convert_to_tensor(columns)))
+    generic = np.moveaxis(to_numpy(ops.take(table, columns, axis=1)), 0, -1)
+    np.testing.assert_array_equal(fast, generic)
+    np.testing.assert_array_equal(fast, np.moveaxis(table[:, columns], 0, -1))
 
 
-@pytest.mark.parametrize("block_diagonal", [True, False])
-def test_position_logits_equal_a_direct_gather(block_diagonal, rng):
+@pytest.mark.parametrize(
+    "layout,block_diagonal",
+    [("head_major", None), ("rows", True), ("rows", False)],
+)
+@pytest.mark.parametrize("index_batch", [1, 2])
+def test_position_logits_equal_a_direct_gather(layout, block_diagonal, index_batch, rng):
     """The score-then-gather kernel against gathering table rows per pair."""
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
     k = rng.normal(size=(b, nk, h, x * chunk)).astype("float32")
     pos_q = rng.normal(size=(p, x, h, chunk)).astype("float32")
     pos_k = rng.normal(size=(p, x, h, chunk)).astype("float32")
-    index = rng.integers(0, p, size=(1, nq, nk, x)).astype("int32")
+    index = rng.integers(0, p, size=(index_batch, nq, nk, x)).astype("int32")
     got = to_numpy(_kernels.position_logits(
         *(ops.convert_to_tensor(a) for a in (q, k, pos_q, pos_k, index)),
-        block_diagonal=block_diagonal))
+        layout=layout, block_diagonal=block_diagonal))
     qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)
     want = np.zeros((b, nq, nk, h), "float64")
     for c in range(x):
-        rows_k = pos_k[index[0, :, :, c], c]  # (q, k, h, chunk)
-        rows_q = pos_q[index[0, :, :, c], c]
-        want += np.einsum("bqhd,qkhd->bqkh", qx[:, :, :, c], rows_k)
-        want += np.einsum("qkhd,bkhd->bqkh", rows_q, kx[:, :, :, c])
+        rows_k = pos_k[index[..., c], c]  # (b or 1, q, k, h, chunk)
+        rows_q = pos_q[index[..., c], c]
+        want = want + np.einsum("bqhd,bqkhd->bqkh", qx[:, :, :, c], rows_k)
+        want = want + np.einsum("bqkhd,bkhd->bqkh", rows_q, kx[:, :, :, c])
     np.testing.assert_allclose(got, want, atol=1e-5)
