@@ -184,20 +184,27 @@ def systems_for(name_list, coords, data, backward, args):
     return systems, notes
 
 
-def time_interleaved(systems, repeats, warmup=2):
+def time_interleaved(systems, repeats, warmup=2, block=3):
+    """Median milliseconds per system, over `repeats` rounds of `block` calls.
+
+    Rounds interleave the systems (so slow drifts of the machine hit them
+    all) and rotate their order. Within a round each system first makes one
+    untimed call: the first call after another system pays for that
+    system's leftovers (torch's OpenMP workers spinning down took a core
+    from XLA: +60% on W1), which no user running one system sees.
+    """
     for fn in systems.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in systems}
     names = list(systems)
     for r in range(repeats):
-        # Rotate the order every round: a system that runs right after torch
-        # pays for torch's worker threads spinning down (measured: +50% on
-        # JAX), so no system may always follow the same one.
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
             systems[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                systems[name]()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
