@@ -6,21 +6,22 @@ table costs `n_positions` dot products per query (key) instead of one per
 (query, key) pair; the pair terms are then *gathered* from those scores, one
 flat score number per (query, key, coordinate), shared by all heads.
 
-Two layouts of the scores, chosen per backend by measurement (the benchmark's
-W1-W3 workloads, see README "Performance"):
+Two layouts of the scores:
 
 - "head_major", `(heads, rows * n_positions)`: a plain per-head batched
-  matmul, and a gather that reads one score per head (XLA: JAX, TensorFlow).
+  matmul, and a gather that reads one score per head. The default on JAX,
+  TensorFlow and torch.
 - "rows", `(rows * n_positions, heads)`: each gathered item is one contiguous
-  row of `heads` scores (torch eager, and the generic path). With few heads,
-  those scores come from one block-diagonal matmul whose output already has
-  that layout.
+  row of `heads` scores (the generic path, plain `keras.ops`). With few heads, those scores
+  come from one block-diagonal matmul whose output already has that layout.
 
-On XLA CPU, head-major was 15-20% faster overall than rows (the block-diagonal
-matmul does `heads` times the needed work, and a per-head matmul transposed
-into rows makes XLA fuse the transpose into the gather as strided reads); on
-torch eager, rows with `F.embedding` was faster (no fusion there, and
-`embedding` is torch's fastest row gather).
+Measured (the benchmark's W1-W3 workloads, README "Performance"): on XLA CPU
+head-major was 15-20% faster overall than rows (the block-diagonal matmul
+does `heads` times the needed work, and a per-head matmul transposed into
+rows makes XLA fuse the transpose into the gather as strided reads). On torch
+eager, head-major gathered straight into `(batch, heads, queries, keys)` (see
+`default_output`) beat rows gathered with `F.embedding` (torch's fastest row
+gather) and transposed: W1 4.4 vs 5.5 ms.
 """
 
 import keras
@@ -32,43 +33,37 @@ from keras import ops
 BLOCK_DIAGONAL_MAX_HEADS = 4
 
 LAYOUTS = ("head_major", "rows")
+OUTPUTS = ("bqkh", "bhqk")
 
 
 def default_layout():
+    """The score layout measured fastest on this backend."""
     backend = keras.backend.backend()
-    return "head_major" if backend in ("jax", "tensorflow") else "rows"
+    return "head_major" if backend in ("jax", "tensorflow", "torch") else "rows"
 
 
-def take_rows(table, rows):
-    """`table[rows]` for a 2-D table and int32 row numbers known in range.
+def default_output():
+    """Where the position logits go: `"bqkh"` or `"bhqk"`.
 
-    `keras.ops.take` must handle negative and out-of-range indices; these
-    rows are in range by construction, so the backends' unchecked gathers
-    apply (tested against `ops.take` in tests/test_kernels.py).
+    On XLA the gather writes `(batch, queries, keys, heads)`, the returned
+    logits' layout, and the c2c term is added transposed (XLA fuses that
+    into the gather). Eagerly (torch), each op is one pass over memory: the
+    gathered terms are added straight into the `(batch, heads, queries,
+    keys)` c2c logits the softmax reads (W1: 2.4 vs 3.7 ms).
     """
     backend = keras.backend.backend()
-    if backend == "jax":
-        return table.at[rows].get(mode="promise_in_bounds")
-    if backend == "torch":
-        import torch
-
-        # `embedding` is torch's fastest row gather on CPU (measured 3x
-        # faster than index_select or advanced indexing for 4-float rows).
-        return torch.nn.functional.embedding(rows.contiguous(), table.contiguous())
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.gather(table, rows, axis=0)
-    return ops.take(table, rows, axis=0)
+    return "bqkh" if backend in ("jax", "tensorflow") else "bhqk"
 
 
-def take_columns(table, columns):
-    """`table[:, columns]` moved to the last axis: `(*columns.shape, heads)`.
+def take_columns(table, columns, heads_last=True):
+    """`table[:, columns]` for a 2-D `(heads, n)` table and int32 column
+    numbers known in range.
 
-    For a 2-D `(heads, n)` table and int32 column numbers known in range.
+    Returns `(*columns.shape, heads)` with `heads_last`, else `(heads,
+    *columns.shape)`.
     """
     backend = keras.backend.backend()
-    if backend == "jax":
+    if backend == "jax" and heads_last:
         from jax import lax
 
         # One gather whose output already has heads last: XLA then writes
@@ -86,8 +81,16 @@ def take_columns(table, columns):
         import tensorflow as tf
 
         taken = tf.gather(table, columns, axis=1)
+    elif backend == "torch":
+        import torch
+
+        # index_select takes int32 indices as they are (no int64 copy).
+        taken = torch.index_select(table, 1, columns.reshape(-1))
+        taken = taken.reshape((table.shape[0],) + tuple(columns.shape))
     else:
         taken = ops.take(table, columns, axis=1)
+    if not heads_last:
+        return taken
     return ops.transpose(taken, tuple(range(1, columns.ndim + 1)) + (0,))
 
 
@@ -122,8 +125,11 @@ def _head_major_scores(x, table):
     return ops.reshape(scores, (x.shape[1], -1))
 
 
-def position_logits(q, k, pos_q, pos_k, index, layout=None, block_diagonal=None):
-    """c2p + p2c as `(batch, queries, keys, heads)`.
+def position_logits(
+    q, k, pos_q, pos_k, index, layout=None, output=None, block_diagonal=None
+):
+    """c2p + p2c as `(batch, queries, keys, heads)` or `(batch, heads,
+    queries, keys)`.
 
     Args:
         q: `(batch, queries, heads, head_size)`, scaled.
@@ -134,6 +140,8 @@ def position_logits(q, k, pos_q, pos_k, index, layout=None, block_diagonal=None)
             `[0, n_positions)`.
         layout: `"head_major"` or `"rows"` (see the module docstring); by
             default, the one measured fastest on the backend.
+        output: `"bqkh"` or `"bhqk"`, the layout of the result; by default
+            `default_output()`.
         block_diagonal: for `"rows"`, force or forbid the block-diagonal
             matmul (tests); by default chosen from the number of heads.
     """
@@ -142,8 +150,12 @@ def position_logits(q, k, pos_q, pos_k, index, layout=None, block_diagonal=None)
         ops.shape(table)[0], table.shape[1], table.shape[2], table.shape[3]
     )
     layout = default_layout() if layout is None else layout
+    output = default_output() if output is None else output
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
+    heads_last = output == "bqkh"
     if block_diagonal is None:
         block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
     batch, n_queries = ops.shape(q)[0], ops.shape(q)[1]
@@ -161,8 +173,12 @@ def position_logits(q, k, pos_q, pos_k, index, layout=None, block_diagonal=None)
 
     def term(x, pos, base, idx):
         if layout == "head_major":
-            return take_columns(_head_major_scores(x, pos), base + idx)
-        return take_rows(_row_scores(x, pos, block_diagonal), base + idx)
+            taken = take_columns(_head_major_scores(x, pos), base + idx, heads_last)
+            # (heads, batch, q, k) -> (batch, heads, q, k): a view on torch,
+            # read in place by the add that follows.
+            return taken if heads_last else ops.transpose(taken, (1, 0, 2, 3))
+        taken = ops.take(_row_scores(x, pos, block_diagonal), base + idx, axis=0)
+        return taken if heads_last else ops.transpose(taken, (0, 3, 1, 2))
 
     total = None
     for x in range(coords):

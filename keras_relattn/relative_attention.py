@@ -610,43 +610,45 @@ class RelativeAttention(keras.layers.Layer):
         q = q * ops.cast(scale, q.dtype)
 
         # Layouts. The logits are returned (batch, queries, keys, heads), as
-        # edspdf does, and that is the layout the gathered position rows come
-        # in (one contiguous row of heads per pair). The c2c matmul and the
-        # softmax + pooling run (batch, heads, queries, keys), like
-        # MultiHeadAttention: a matmul writing or reading the other layout
-        # pays a strided copy of the whole tensor (measured on XLA CPU: W2
-        # 27 ms all-bqkh, 10 ms this way).
-        c2c = None
+        # edspdf does. The c2c matmul and the softmax + pooling run (batch,
+        # heads, queries, keys), like MultiHeadAttention: a matmul writing or
+        # reading the other layout pays a strided copy of the whole tensor
+        # (measured on XLA CPU: W2 27 ms all-bqkh, 10 ms this way). The
+        # position terms come in whichever layout the backend makes best
+        # (see `_kernels.default_output`).
+        bqkh, bhqk = [], []  # terms to sum, by layout
         if "c2c" in terms:
-            c2c = ops.einsum("bqhd,bkhd->bhqk", q, k)
-            if self.head_bias:
-                c2c = c2c + ops.cast(self.bias, c2c.dtype)[:, None, None]
-        logits = None  # (batch, queries, keys, heads)
+            bhqk.append(ops.einsum("bqhd,bkhd->bhqk", q, k))
         if use_positions:
             table = (
                 self.position_embedding
                 if position_embedding is None
                 else position_embedding
             )
-            logits = self._position_logits(
-                q, k, table, relative_positions, scale, training
+            output = _kernels.default_output()
+            positions = self._position_logits(
+                q, k, table, relative_positions, scale, training, output
             )
             if no_position_mask is not None:
                 keep = ops.logical_not(_checks.as_bool(no_position_mask))
-                logits = logits * ops.cast(keep[..., None], logits.dtype)
+                keep = keep[..., None] if output == "bqkh" else keep[:, None]
+                positions = positions * ops.cast(keep, positions.dtype)
+            (bqkh if output == "bqkh" else bhqk).append(positions)
         if base_attn is not None:
-            base = ops.cast(base_attn, compute_dtype)
-            logits = base if logits is None else logits + base
-        if logits is None:
-            # c2c (and the bias) only: pool from it as it is.
-            pool_source = c2c
-            logits = ops.transpose(c2c, (0, 2, 3, 1))
-        else:
-            if c2c is not None:
-                logits = logits + ops.transpose(c2c, (0, 2, 3, 1))
-            elif self.head_bias:
-                logits = logits + ops.cast(self.bias, logits.dtype)
+            bqkh.append(ops.cast(base_attn, compute_dtype))
+        if self.head_bias:
+            if bhqk:
+                bhqk[0] = bhqk[0] + ops.cast(self.bias, compute_dtype)[:, None, None]
+            else:
+                bqkh[0] = bqkh[0] + ops.cast(self.bias, compute_dtype)
+        if bqkh:
+            logits = _sum(bqkh)
+            if bhqk:
+                logits = logits + ops.transpose(_sum(bhqk), (0, 2, 3, 1))
             pool_source = ops.transpose(logits, (0, 3, 1, 2))
+        else:
+            pool_source = _sum(bhqk)
+            logits = ops.transpose(pool_source, (0, 2, 3, 1))
 
         if content_values is None:
             return logits
@@ -681,8 +683,10 @@ class RelativeAttention(keras.layers.Layer):
             return logits
         return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
 
-    def _position_logits(self, q, k, table, relative_positions, scale, training):
-        """c2p + p2c, `(batch, queries, keys, heads)`, already scaled."""
+    def _position_logits(
+        self, q, k, table, relative_positions, scale, training, output
+    ):
+        """c2p + p2c, already scaled, laid out as `output` says."""
         table = ops.cast(table, self.compute_dtype)
         n_positions = table.shape[0]
         if n_positions is None:  # a call-time table of unknown length
@@ -708,7 +712,7 @@ class RelativeAttention(keras.layers.Layer):
         if "p2c" in self.mode:
             pos_q = project(self._position_query_projection)
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
-        return _kernels.position_logits(q, k, pos_q, pos_k, index)
+        return _kernels.position_logits(q, k, pos_q, pos_k, index, output=output)
 
     def _combine_masks(self, mask, key_mask, values_mask):
         """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
@@ -851,6 +855,13 @@ class _Projection(keras.layers.EinsumDense):
         if self.bias is not None:
             x = ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
         return self.activation(x)
+
+
+def _sum(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _softmax(x, axis):

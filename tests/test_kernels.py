@@ -8,15 +8,6 @@ from conftest import to_numpy
 from keras_relattn import _kernels
 
 
-def test_take_rows_equals_ops_take(rng):
-    table = rng.normal(size=(50, 4)).astype("float32")
-    rows = rng.integers(0, 50, size=(3, 5, 7)).astype("int32")
-    fast = to_numpy(_kernels.take_rows(ops.convert_to_tensor(table), ops.convert_to_tensor(rows)))
-    generic = to_numpy(ops.take(table, rows, axis=0))
-    np.testing.assert_array_equal(fast, generic)
-    np.testing.assert_array_equal(fast, table[rows])
-
-
 def test_take_columns_equals_ops_take(rng):
     table = rng.normal(size=(3, 50)).astype("float32")
     columns = rng.integers(0, 50, size=(2, 5, 7)).astype("int32")
@@ -31,8 +22,9 @@ def test_take_columns_equals_ops_take(rng):
     "layout,block_diagonal",
     [("head_major", None), ("rows", True), ("rows", False)],
 )
+@pytest.mark.parametrize("output", ["bqkh", "bhqk"])
 @pytest.mark.parametrize("index_batch", [1, 2])
-def test_position_logits_equal_a_direct_gather(layout, block_diagonal, index_batch, rng):
+def test_position_logits_equal_a_direct_gather(layout, block_diagonal, output, index_batch, rng):
     """The score-then-gather kernel against gathering table rows per pair."""
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
@@ -42,7 +34,7 @@ def test_position_logits_equal_a_direct_gather(layout, block_diagonal, index_bat
     index = rng.integers(0, p, size=(index_batch, nq, nk, x)).astype("int32")
     got = to_numpy(_kernels.position_logits(
         *(ops.convert_to_tensor(a) for a in (q, k, pos_q, pos_k, index)),
-        layout=layout, block_diagonal=block_diagonal))
+        layout=layout, output=output, block_diagonal=block_diagonal))
     qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)
     want = np.zeros((b, nq, nk, h), "float64")
     for c in range(x):
@@ -50,4 +42,6 @@ def test_position_logits_equal_a_direct_gather(layout, block_diagonal, index_bat
         rows_q = pos_q[index[..., c], c]
         want = want + np.einsum("bqhd,bqkhd->bqkh", qx[:, :, :, c], rows_k)
         want = want + np.einsum("bqkhd,bkhd->bqkh", rows_q, kx[:, :, :, c])
+    if output == "bhqk":
+        want = want.transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, want, atol=1e-5)
