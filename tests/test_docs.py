@@ -85,3 +85,14 @@ def test_public_names_have_kerashub_style_docstrings(obj):
     for section in ("Args:", "Returns:", "Example:", "References:"):
         assert section in doc, f"{obj.__name__} lacks {section}"
     assert ">>>" in doc
+
+
+def test_readme_performance_tables_are_the_benchmark_runs():
+    """The README's numbers are the JSON runs in benchmarks/, not hand-copied."""
+    import runpy
+
+    tables = runpy.run_path(os.path.join(ROOT, "benchmarks", "readme_tables.py"))["tables"]()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for key, text in tables.items():
+        assert f"<!-- {key} -->\n{text}\n" in readme, f"README table {key} is stale"
