@@ -641,17 +641,19 @@ class RelativeAttention(keras.layers.Layer):
                 bhqk[0] = bhqk[0] + ops.cast(self.bias, compute_dtype)[:, None, None]
             else:
                 bqkh[0] = bqkh[0] + ops.cast(self.bias, compute_dtype)
+        bhqk_sum = _sum(bhqk) if bhqk else None
         if bqkh:
             logits = _sum(bqkh)
-            if bhqk:
-                logits = logits + ops.transpose(_sum(bhqk), (0, 2, 3, 1))
-            pool_source = ops.transpose(logits, (0, 3, 1, 2))
+            if bhqk_sum is not None:
+                logits = logits + ops.transpose(bhqk_sum, (0, 2, 3, 1))
         else:
-            pool_source = _sum(bhqk)
-            logits = ops.transpose(pool_source, (0, 2, 3, 1))
+            logits = ops.transpose(bhqk_sum, (0, 2, 3, 1))
 
         if content_values is None:
             return logits
+        # The pooling reads (batch, heads, queries, keys); only transpose
+        # the summed logits back when some term came as (b, q, k, h).
+        pool_source = ops.transpose(logits, (0, 3, 1, 2)) if bqkh else bhqk_sum
 
         values = self.value_proj(self._drop(content_values, training))
         attend = self._combine_masks(
