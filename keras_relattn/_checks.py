@@ -1,6 +1,7 @@
 """Argument and shape checks that raise clear errors before any backend op."""
 
 import keras
+import numpy as np
 from keras import ops
 
 try:  # Keras keeps the mask accessor private; fall back to the attribute.
@@ -37,26 +38,38 @@ def non_negative_int(name, value):
 
 
 def shape_of(x):
-    """Static shape as a tuple of ints and None."""
+    """Static shape as a tuple of ints, None for every dimension not known as
+    an int (unknown, or symbolic as under `jax.export` or `torch.export`)."""
     shape = getattr(x, "shape", None)
     if shape is None:
         shape = ops.shape(ops.convert_to_tensor(x))
-    return tuple(None if d is None else int(d) for d in shape)
+    return tuple(_static_dim(d) for d in shape)
+
+
+def _static_dim(d):
+    # torch's SymInt and jax's symbolic dimensions are not `int`s.
+    return int(d) if isinstance(d, (int, np.integer)) else None
 
 
 def dtype_of(x):
     return keras.backend.standardize_dtype(getattr(x, "dtype", type(x)))
 
 
-def check_shape(name, got, expected, description, broadcast_batch=False):
-    """`expected` holds ints or None (unknown); raise on the first conflict."""
+def check_shape(name, got, expected, description, broadcast_batch=False,
+                broadcast=()):
+    """`expected` holds ints or None (unknown); raise on the first conflict.
+
+    A size of 1 is accepted on axis 0 with `broadcast_batch`, and on each
+    axis listed in `broadcast` (it broadcasts, as in edspdf).
+    """
     got = tuple(got)
+    broadcast = set(broadcast) | ({0} if broadcast_batch else set())
     ok = len(got) == len(expected)
     if ok:
         for axis, (g, e) in enumerate(zip(got, expected)):
             if g is None or e is None or g == e:
                 continue
-            if axis == 0 and broadcast_batch and g == 1:
+            if axis in broadcast and g == 1:
                 continue
             ok = False
             break
@@ -69,22 +82,25 @@ def check_shape(name, got, expected, description, broadcast_batch=False):
 
 def check_mask(name, mask, batch, n_queries, n_keys, n_heads):
     shape = shape_of(mask)
+    # Sizes of 1 broadcast (as in edspdf): on the batch, on the queries of a
+    # 3-D or 4-D mask, and on the heads of a 4-D mask.
     forms = {
-        2: ((batch, n_keys), "(batch, n_keys)"),
-        3: ((batch, n_queries, n_keys), "(batch, n_queries, n_keys)"),
+        2: ((batch, n_keys), "(batch, n_keys)", (0,)),
+        3: ((batch, n_queries, n_keys), "(batch, n_queries, n_keys)", (0, 1, 2)),
         4: (
             (batch, n_queries, n_keys, n_heads),
             "(batch, n_queries, n_keys, n_heads) (pooling heads only)",
+            (0, 1, 2, 3),
         ),
     }
     if len(shape) not in forms:
         raise ValueError(
             f"`{name}` has shape {shape}, expected one of "
-            + ", ".join(f"{d} = {_show(e)}" for e, d in forms.values())
+            + ", ".join(f"{d} = {_show(e)}" for e, d, _ in forms.values())
             + "."
         )
-    expected, description = forms[len(shape)]
-    check_shape(name, shape, expected, description, broadcast_batch=True)
+    expected, description, broadcast = forms[len(shape)]
+    check_shape(name, shape, expected, description, broadcast=broadcast)
     dtype = dtype_of(mask)
     if not (dtype == "bool" or "int" in dtype or "float" in dtype):
         raise TypeError(f"`{name}` must be bool or 0/1 numbers, got {dtype}.")

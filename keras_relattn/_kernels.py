@@ -36,6 +36,37 @@ BLOCK_DIAGONAL_MAX_HEADS = 4
 LAYOUTS = ("head_major", "rows")
 OUTPUTS = ("bqkh", "bhqk")
 
+# The flat score numbers `(batch * rows + row) * n_positions + offset` are
+# int32: past this many scores a number would wrap, and XLA's in-bounds
+# gathers would silently read another score. Larger (or not statically
+# known) sizes take the per-row gather, whose numbers stay below
+# `n_positions`.
+FLAT_INDEX_LIMIT = 2**31
+
+
+def flat_index_fits(*sizes):
+    """Whether `prod(sizes)` flat numbers surely fit int32.
+
+    False unless that is proved: unknown sizes (None, a TensorFlow graph
+    tensor, a jax symbolic dimension) cannot be, nor sizes under
+    `torch.jit.trace` (ONNX export), which would freeze the answer. torch's
+    symbolic sizes compare (`torch.compile` then guards on the answer).
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.jit.is_tracing():  # a traced answer would be frozen
+            return False
+    total = 1
+    for size in sizes:
+        if size is None:
+            return False
+        total = total * size
+    try:
+        return bool(total < FLAT_INDEX_LIMIT)
+    except Exception:  # not decidable while tracing
+        return False
+
 
 def default_layout():
     """The score layout measured fastest on this backend."""
@@ -162,16 +193,27 @@ def position_logits(
         block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
     batch, n_queries = ops.shape(q)[0], ops.shape(q)[1]
     n_keys = ops.shape(k)[1]
+    # Sizes of 1 in the index broadcast over queries and keys (as in edspdf).
+    index = ops.broadcast_to(index, (ops.shape(index)[0], n_queries, n_keys, coords))
+    index_dtype = "int32"
+    if not (
+        flat_index_fits(batch, n_queries, n_positions)
+        and flat_index_fits(batch, n_keys, n_positions)
+    ):
+        if keras.backend.backend() != "torch":
+            return _per_row_position_logits(q, k, pos_q, pos_k, index, heads_last)
+        index_dtype = "int64"  # torch gathers with int64 numbers as fast
     q = ops.reshape(q, (batch * n_queries, heads, coords, chunk))
     k = ops.reshape(k, (batch * n_keys, heads, coords, chunk))
     # Base score number of each (batch, query) and (batch, key), broadcast to
     # the pairs (the index may have a batch of 1).
-    b = ops.arange(batch, dtype="int32")[:, None, None]
-    pairs = (batch, ops.shape(index)[1], ops.shape(index)[2])
-    c2p_base = (b * n_queries + ops.arange(n_queries, dtype="int32")[None, :, None]) * n_positions
-    p2c_base = (b * n_keys + ops.arange(n_keys, dtype="int32")[None, None, :]) * n_positions
+    b = ops.arange(batch, dtype=index_dtype)[:, None, None]
+    pairs = (batch, n_queries, n_keys)
+    c2p_base = (b * n_queries + ops.arange(n_queries, dtype=index_dtype)[None, :, None]) * n_positions
+    p2c_base = (b * n_keys + ops.arange(n_keys, dtype=index_dtype)[None, None, :]) * n_positions
     c2p_base = ops.broadcast_to(c2p_base, pairs)
     p2c_base = ops.broadcast_to(p2c_base, pairs)
+    index = ops.cast(index, index_dtype)
 
     def term(x, pos, base, idx):
         if layout == "head_major":
@@ -189,4 +231,33 @@ def position_logits(
             if pos is not None:
                 t = term(rows[:, :, x], pos[:, x], base, idx)
                 total = t if total is None else total + t
+    return total
+
+
+def _per_row_position_logits(q, k, pos_q, pos_k, index, heads_last):
+    """As `position_logits`, gathering along each row of scores.
+
+    Every gathered number is an offset in `[0, n_positions)`, so nothing can
+    wrap whatever the sizes (the flat path's limit, `FLAT_INDEX_LIMIT`).
+    Plain `keras.ops`; slower than the flat gather, used only where that one
+    cannot be proved safe.
+    """
+    batch, n_queries, n_keys = ops.shape(q)[0], ops.shape(q)[1], ops.shape(k)[1]
+    index = ops.broadcast_to(index, (batch, n_queries, n_keys, ops.shape(index)[3]))
+    coords = (pos_k if pos_k is not None else pos_q).shape[1]
+    chunk = q.shape[-1] // coords
+    total = None
+    for x in range(coords):
+        idx = index[..., x]
+        if pos_k is not None:  # rows are queries: (b, q, h, P) -> (b, q, h, k)
+            scores = ops.einsum("bqhd,phd->bqhp", q[..., x * chunk:(x + 1) * chunk], pos_k[:, x])
+            taken = ops.take_along_axis(scores, idx[:, :, None, :], axis=3)
+            t = ops.transpose(taken, (0, 1, 3, 2) if heads_last else (0, 2, 1, 3))
+            total = t if total is None else total + t
+        if pos_q is not None:  # rows are keys: (b, k, h, P) -> (b, k, h, q)
+            scores = ops.einsum("bkhd,phd->bkhp", k[..., x * chunk:(x + 1) * chunk], pos_q[:, x])
+            by_key = ops.transpose(idx, (0, 2, 1))
+            taken = ops.take_along_axis(scores, by_key[:, :, None, :], axis=3)
+            t = ops.transpose(taken, (0, 3, 1, 2) if heads_last else (0, 2, 3, 1))
+            total = t if total is None else total + t
     return total

@@ -8,6 +8,13 @@ from keras import ops
 
 from keras_relattn import _checks, _kernels
 
+try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
+    from keras.src.backend import nn as _backend_nn
+
+    _backend_softmax = _backend_nn.softmax
+except (ImportError, AttributeError):  # pragma: no cover - other Keras layouts
+    _backend_softmax = ops.softmax
+
 MODES = ("c2c", "c2p", "p2c")
 
 # edspdf *replaces* masked logits by this value before the softmax (it does
@@ -69,6 +76,30 @@ def _table_shape(position_embedding, position_embedding_shape):
 _CHECKED_CALL_ARGUMENTS = (
     "mask", "relative_positions", "no_position_mask", "base_attn", "position_embedding",
 )
+# `call`'s leading arguments, in order.
+_CALL_ARGUMENTS = (
+    "content_queries", "content_keys", "content_values", *_CHECKED_CALL_ARGUMENTS,
+)
+
+# Any offset beyond +-2**30 lies beyond any table: clamping there keeps the
+# result and fits int32.
+_OFFSET_BOUND = 2**30
+
+
+def _prepare_input(name, value):
+    """A call input as Keras should convert it (see `__call__`)."""
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+        if value.dtype == np.float64:
+            value = value.astype("float32")
+    if (
+        name == "relative_positions"
+        and isinstance(value, np.ndarray)
+        and value.dtype.kind in "iu"
+        and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
+    ):
+        value = np.clip(value, -_OFFSET_BOUND, _OFFSET_BOUND).astype("int32")
+    return value
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -108,7 +139,8 @@ class RelativeAttention(keras.layers.Layer):
 
     Args:
         size: int. Size of the pooled output (`n_heads * value head size`).
-            Default for `query_size` and `key_size`.
+            Default for `query_size` and `key_size`. May be None with
+            `do_pooling=False` when both of those are given.
         n_heads: int. Number of pooling attention heads.
         query_size: int. Feature size of the content queries. Defaults to
             `size`.
@@ -228,7 +260,17 @@ class RelativeAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        size = _checks.positive_int("size", size)
+        if size is None and not do_pooling:
+            # A logits-only layer needs no output size (as in edspdf), but
+            # then nothing gives the query and key sizes a default.
+            for name, value in (("query_size", query_size), ("key_size", key_size)):
+                if value is None:
+                    raise ValueError(
+                        f"`{name}` is required when `size` is None (a "
+                        "logits-only layer, `do_pooling=False`)."
+                    )
+        else:
+            size = _checks.positive_int("size", size)
         n_heads = _checks.positive_int("n_heads", n_heads)
         query_size = _checks.positive_int("query_size", query_size, size)
         key_size = _checks.positive_int("key_size", key_size, size)
@@ -297,7 +339,7 @@ class RelativeAttention(keras.layers.Layer):
         self.mode = mode
         self.n_additional_heads = n_additional_heads
         self.total_heads = n_heads + n_additional_heads
-        self.value_head_size = size // n_heads
+        self.value_head_size = None if size is None else size // n_heads
         self.position_embedding_shape = table_shape
         self.position_embedding_trainable = bool(position_embedding_trainable)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -430,6 +472,14 @@ class RelativeAttention(keras.layers.Layer):
                 unique.append(proj)
         return unique
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes every projection (as `Model.quantize` does).
+
+        For inference: the head bias and the table stay float.
+        """
+        for proj in self.projections():
+            proj.quantize(mode, type_check=type_check, config=config)
+
     def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform",
                     b_initializer="zeros"):
         """Adds LoRA adapters to every projection (content and positional).
@@ -500,13 +550,13 @@ class RelativeAttention(keras.layers.Layer):
                 "base_attn", _checks.shape_of(base_attn),
                 (batch, n_queries, n_keys, self.total_heads),
                 "(batch, n_queries, n_keys, n_heads + n_additional_heads)",
-                broadcast_batch=True,
+                broadcast=(0, 1, 2, 3),
             )
         if no_position_mask is not None:
             _checks.check_shape(
                 "no_position_mask", _checks.shape_of(no_position_mask),
                 (batch, n_queries, n_keys), "(batch or 1, n_queries, n_keys)",
-                broadcast_batch=True,
+                broadcast=(0, 1, 2),
             )
         positional = [m for m in self.mode if m != "c2c"]
         if position_embedding is not None:
@@ -540,7 +590,7 @@ class RelativeAttention(keras.layers.Layer):
                 "relative_positions", _checks.shape_of(relative_positions),
                 (batch, n_queries, n_keys, self.n_coordinates),
                 "(batch or 1, n_queries, n_keys, n_coordinates)",
-                broadcast_batch=True,
+                broadcast=(0, 1, 2),
             )
         elif "c2c" not in self.mode:
             raise ValueError(
@@ -550,18 +600,16 @@ class RelativeAttention(keras.layers.Layer):
 
     # ------------------------------------------------------------- call
     def __call__(self, *args, **kwargs):
-        positions = kwargs.get("relative_positions")
-        if (
-            isinstance(positions, np.ndarray)
-            and positions.dtype.kind in "iu"
-            and positions.dtype.itemsize > 4
-        ):
-            # Clamp 64-bit offsets while they are still 64-bit: JAX without
-            # x64 would otherwise wrap them to int32 when Keras converts them.
-            # Any offset beyond +-2**30 lies beyond any table.
-            kwargs["relative_positions"] = np.clip(
-                positions, -(2**30), 2**30
-            ).astype("int32")
+        # Before Keras converts the inputs: Python lists become arrays, and
+        # 64-bit integer offsets are clamped while still 64-bit (JAX without
+        # x64 would wrap them to int32 on conversion). The position argument
+        # is found whether it is passed by keyword or by position.
+        args = list(args)
+        for position, name in enumerate(_CALL_ARGUMENTS):
+            if position < len(args):
+                args[position] = _prepare_input(name, args[position])
+            elif name in kwargs:
+                kwargs[name] = _prepare_input(name, kwargs[name])
         return super().__call__(*args, **kwargs)
 
     def _drop(self, x, training):
@@ -591,6 +639,8 @@ class RelativeAttention(keras.layers.Layer):
         compute_dtype = self.compute_dtype
         self_attention = content_keys is None
         keys_in = content_queries if self_attention else content_keys
+        # Statically empty inputs only: a dynamic length is no Python test
+        # (tracers would freeze it), and the ops below handle zero sizes too.
         if 0 in _checks.shape_of(content_queries)[:2] + _checks.shape_of(keys_in)[:2]:
             return self._empty_outputs(content_queries, keys_in, content_values)
         key_mask = content_queries_mask if self_attention else content_keys_mask
@@ -700,14 +750,7 @@ class RelativeAttention(keras.layers.Layer):
             t = self._drop(table, training)
             return proj(ops.reshape(t, (-1, coords, pos_size // coords)))
 
-        # Clip in the caller's dtype first: an int64 offset beyond the int32
-        # range must clamp, not wrap around.
-        if _checks.dtype_of(relative_positions).startswith("uint"):
-            index = ops.minimum(relative_positions, n_positions)
-        else:
-            index = ops.clip(relative_positions, -n_positions, n_positions)
-        index = ops.cast(index, "int32")
-        index = ops.clip(index + n_positions // 2, 0, n_positions - 1)
+        index = _table_index(relative_positions, n_positions)
         pos_k = pos_q = None
         if "c2p" in self.mode:
             pos_k = project(self.position_key_proj)  # (P, x, heads, chunk)
@@ -851,12 +894,44 @@ class _Projection(keras.layers.EinsumDense):
         super().quantize(mode, type_check=False, config=config)
 
     def call(self, inputs, training=None):
-        if self.quantization_mode is not None:
-            return super().call(inputs, training=training)
-        x = ops.einsum(self.equation, inputs, self.kernel)
-        if self.bias is not None:
-            x = ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
-        return self.activation(x)
+        return self._add_bias(ops.einsum(self.equation, inputs, self.kernel))
+
+    def quantized_call(self, *args, **kwargs):
+        # EinsumDense's quantized paths add the bias with `ops.add` too: run
+        # them without it (set around the layer's attribute tracking, which
+        # must not see the swap), then add it the safe way.
+        bias = self.bias
+        object.__setattr__(self, "bias", None)
+        try:
+            x = super().quantized_call(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "bias", bias)
+        return self._add_bias(x)
+
+    def _add_bias(self, x):
+        if self.bias is None:
+            return x
+        return ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
+
+
+def _table_index(relative_positions, n_positions):
+    """`clip(n_positions // 2 + relative_positions, 0, n_positions - 1)` as
+    int32, right for every integer dtype.
+
+    Widen, then clamp: narrow offsets (8 and 16 bits) are cast to int32
+    first, so that bounds beyond their range cannot wrap; 64-bit and
+    unsigned 32-bit offsets are clamped in their own dtype first, so that
+    none wraps when cast to int32.
+    """
+    dtype = _checks.dtype_of(relative_positions)
+    if dtype in ("int64", "uint32", "uint64"):
+        bound = ops.cast(_OFFSET_BOUND, dtype)
+        if dtype == "int64":
+            relative_positions = ops.clip(relative_positions, -bound, bound)
+        else:
+            relative_positions = ops.minimum(relative_positions, bound)
+    offsets = ops.clip(ops.cast(relative_positions, "int32"), -_OFFSET_BOUND, _OFFSET_BOUND)
+    return ops.clip(offsets + n_positions // 2, 0, n_positions - 1)
 
 
 def _sum(terms):
@@ -867,12 +942,11 @@ def _sum(terms):
 
 
 def _softmax(x, axis):
-    # keras.ops.softmax warns on a length-1 axis, a legitimate case here (one
-    # key), where the softmax is 1. Otherwise use the backends' fused softmax
-    # (torch's is 2x faster than max/exp/sum/divide as separate ops).
-    if x.shape[axis] == 1:
-        return ops.ones_like(x)
-    return ops.softmax(x, axis=axis)
+    # The backends' fused softmax (torch's is 2x faster than max/exp/sum/divide
+    # as separate ops). Not `keras.ops.softmax`: it warns when the axis has
+    # length 1 (one key), a legitimate case here, and a Python test of the
+    # length would be frozen by tracers (ONNX export, symbolic shapes).
+    return _backend_softmax(x, axis=axis)
 
 
 class _ArrayInitializer(keras.initializers.Initializer):

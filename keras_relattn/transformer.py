@@ -130,8 +130,11 @@ class RelativeTransformerLayer(keras.layers.Layer):
         )
         self.linear1 = keras.layers.Dense(2 * input_size, name="linear1", **common)
         self.linear2 = keras.layers.Dense(input_size, name="linear2", **common)
+        # Its own stream: the attention's dropout draws from `seed` already.
         self.dropout = (
-            keras.layers.Dropout(self.dropout_p, seed=seed, **common)
+            keras.layers.Dropout(
+                self.dropout_p, seed=None if seed is None else seed + 1, **common
+            )
             if self.dropout_p > 0
             else None
         )
