@@ -8,27 +8,45 @@ grouped position projections are `weight (coordinates, in, out)` there and
 of their names in an edspdf state dict, as `torch.nn.Module.state_dict` does.
 """
 
+import keras
 import numpy as np
 
 
 class _Entry:
-    """One edspdf tensor and the Keras variable that holds it."""
+    """One edspdf tensor and the Keras variable that holds it.
 
-    def __init__(self, name, variable, shape, to_keras, to_edspdf):
+    `value` reads what the layer computes with (a LoRA kernel merged with
+    its adapters); loading assigns `variable` (the base kernel).
+    """
+
+    def __init__(self, name, variable, shape, to_keras, to_edspdf, value=None):
         self.name = name
         self.variable = variable
         self.shape = tuple(shape)
         self.to_keras = to_keras
         self.to_edspdf = to_edspdf
+        self.value = value or (lambda: variable)
+
+
+def _kernel_entry(dense, name, shape, to_keras, to_edspdf):
+    """The kernel of an `EinsumDense` / `Dense`, LoRA or not."""
+    if getattr(dense, "quantization_mode", None) is not None:
+        raise ValueError(
+            f"Cannot port {name!r}: its layer is quantized "
+            f"({dense.quantization_mode}). Port the float model, then quantize."
+        )
+    # With LoRA, `kernel` is the merged kernel (a tensor) and `_kernel` the
+    # frozen base variable.
+    base = dense._kernel if getattr(dense, "lora_enabled", False) else dense.kernel
+    return _Entry(name, base, shape, to_keras, to_edspdf, value=lambda: dense.kernel)
 
 
 def _linear(prefix, dense):
-    kernel = dense.kernel  # (in, heads, head_size)
-    n_in, heads, head = kernel.shape
+    n_in, heads, head = dense.kernel.shape  # (in, heads, head_size)
     return [
-        _Entry(
+        _kernel_entry(
+            dense,
             f"{prefix}.weight",
-            kernel,
             (heads * head, n_in),
             lambda a: a.T.reshape(n_in, heads, head),
             lambda a: a.reshape(n_in, heads * head).T,
@@ -44,12 +62,11 @@ def _linear(prefix, dense):
 
 
 def _grouped_linear(prefix, dense):
-    kernel = dense.kernel  # (coordinates, in, heads, chunk)
-    coords, n_in, heads, chunk = kernel.shape
+    coords, n_in, heads, chunk = dense.kernel.shape  # (coordinates, in, heads, chunk)
     return [
-        _Entry(
+        _kernel_entry(
+            dense,
             f"{prefix}.weight",
-            kernel,
             (coords, n_in, heads * chunk),
             lambda a: a.reshape(coords, n_in, heads, chunk),
             lambda a: a.reshape(coords, n_in, heads * chunk),
@@ -66,10 +83,9 @@ def _grouped_linear(prefix, dense):
 
 def _dense(prefix, dense):
     """A `keras.layers.Dense` as a `torch.nn.Linear`."""
-    kernel = dense.kernel  # (in, out)
-    n_in, n_out = kernel.shape
+    n_in, n_out = dense.kernel.shape  # (in, out)
     return [
-        _Entry(f"{prefix}.weight", kernel, (n_out, n_in), lambda a: a.T, lambda a: a.T),
+        _kernel_entry(dense, f"{prefix}.weight", (n_out, n_in), lambda a: a.T, lambda a: a.T),
         _identity(dense.bias, f"{prefix}.bias"),
     ]
 
@@ -117,7 +133,11 @@ def _entries(layer, prefix=""):
 
 def _to_numpy(value):
     if hasattr(value, "detach"):  # a torch tensor, maybe on a GPU
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if not value.dtype.is_floating_point or value.element_size() >= 4:
+            return value.numpy()
+        # NumPy has no bfloat16: half-precision checkpoints load as float32.
+        return value.float().numpy()
     return np.asarray(value)
 
 
@@ -188,7 +208,16 @@ def load_edspdf_state_dict(layer, state_dict):
         )
     for _, new, variable in values.values():
         variable.assign(new.astype(variable.dtype))
+    _restart_lora(layer)
     return layer
+
+
+def _restart_lora(layer):
+    """Zero every LoRA `B` adapter: the layer then computes the checkpoint
+    just loaded into its base kernels, and its adapters train from there."""
+    for sublayer in layer._flatten_layers():
+        if getattr(sublayer, "lora_enabled", False):
+            sublayer.lora_kernel_b.assign(np.zeros(sublayer.lora_kernel_b.shape, "float32"))
 
 
 def edspdf_state_dict(layer):
@@ -219,7 +248,7 @@ def edspdf_state_dict(layer):
     """
     return {
         entry.name: np.ascontiguousarray(
-            entry.to_edspdf(np.asarray(entry.variable.numpy()))
+            entry.to_edspdf(np.asarray(keras.ops.convert_to_numpy(entry.value())))
         )
         for entry in _entries(layer)
     }
