@@ -89,6 +89,14 @@ def mha_call(layer, x, mask, rel):
     return layer(x, x, attention_mask=mask[:, None, :], return_attention_scores=True)
 
 
+def ours_pooled_call(layer, x, mask, rel):
+    return layer(x, x, x, mask=mask, relative_positions=rel, return_logits=False)
+
+
+def mha_pooled_call(layer, x, mask, rel):
+    return layer(x, x, attention_mask=mask[:, None, :])
+
+
 def build_ours(coords):
     return RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
                              n_coordinates=coords, mode=("c2c", "c2p", "p2c"))
@@ -171,11 +179,17 @@ def systems_for(name_list, coords, data, backward, args):
         except ImportError:
             notes["edspdf"] = "not installed"
     if "ours" in name_list:
-        systems["ours"] = compiled_keras(ours, ours_call, backward, data, args.torch_compile)
+        systems["ours"] = compiled_keras(
+            ours, ours_pooled_call if args.pooled else ours_call, backward, data,
+            args.torch_compile,
+        )
     if "keras_mha" in name_list:
         mha = keras.layers.MultiHeadAttention(HEADS, SIZE // HEADS)
         mha(data[0][:1], data[0][:1])
-        systems["keras_mha"] = compiled_keras(mha, mha_call, backward, data)
+        systems["keras_mha"] = compiled_keras(
+            mha, mha_pooled_call if args.pooled else mha_call, backward, data,
+            args.torch_compile,
+        )
     if "deberta" in name_list:
         try:
             systems["deberta"] = deberta_system(data, backward)

@@ -41,6 +41,8 @@ def parse(argv):
     p.add_argument("--backend", choices=["tensorflow", "jax", "torch"])
     p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, of W1,W2,W3")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--pooled", action="store_true",
+                   help="the pooled output alone (ours: return_logits=False; MHA: no scores)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per workload")
     p.add_argument("--systems", default="ours,keras_mha,edspdf,deberta")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile ours")

@@ -1,5 +1,6 @@
 """The `RelativeAttention` layer: DeBERTa-style disentangled attention."""
 
+import functools
 import math
 
 import keras
@@ -198,6 +199,13 @@ class RelativeAttention(keras.layers.Layer):
         base_attn: float tensor `(batch, n_queries, n_keys, n_heads +
             n_additional_heads)` added to the logits.
         training: bool, whether dropout is active.
+        return_logits: bool, default True (edspdf's outputs). With False
+            (values required), only the pooled output is returned, like
+            `MultiHeadAttention(..., return_attention_scores=False)`: the
+            fast way to run a stack that never reads the logits. It computes
+            only the pooling heads and, for long inputs, works through blocks
+            of queries, so no `(batch, heads, queries, keys)` tensor is held
+            for the whole input.
         position_embedding: optional `(n_positions, position_size)` tensor
             used instead of the layer's own table, e.g. the output of a
             `keras_relattn.PositionTable` shared by several layers.
@@ -207,7 +215,8 @@ class RelativeAttention(keras.layers.Layer):
             the queries' mask is the keys' mask). They combine with `mask`.
 
     Returns:
-        `(pooled, logits)` when `content_values` is given, else `logits`.
+        `(pooled, logits)` when `content_values` is given, else `logits`;
+        `pooled` alone with `return_logits=False`.
         `pooled`: `(batch, n_queries, size)`; it carries the queries' Keras
         mask. `logits`: `(batch, n_queries, n_keys, n_heads +
         n_additional_heads)`, unmasked, bias included.
@@ -535,7 +544,13 @@ class RelativeAttention(keras.layers.Layer):
     def _check_call_inputs(
         self, queries, keys, values, mask=None, relative_positions=None,
         no_position_mask=None, base_attn=None, position_embedding=None,
+        return_logits=True,
     ):
+        if not return_logits and values is None:
+            raise ValueError(
+                "`return_logits=False` returns the pooled output alone, so it "
+                "needs `content_values` (and `do_pooling=True`)."
+            )
         q_shape = _checks.shape_of(queries)
         k_shape = None if keys is None else _checks.shape_of(keys)
         v_shape = None if values is None else _checks.shape_of(values)
@@ -628,6 +643,7 @@ class RelativeAttention(keras.layers.Layer):
         base_attn=None,
         position_embedding=None,
         training=None,
+        return_logits=True,
         content_queries_mask=None,
         content_keys_mask=None,
         content_values_mask=None,
@@ -635,6 +651,7 @@ class RelativeAttention(keras.layers.Layer):
         self._check_call_inputs(
             content_queries, content_keys, content_values, mask,
             relative_positions, no_position_mask, base_attn, position_embedding,
+            return_logits=return_logits,
         )
         compute_dtype = self.compute_dtype
         self_attention = content_keys is None
@@ -642,7 +659,8 @@ class RelativeAttention(keras.layers.Layer):
         # Statically empty inputs only: a dynamic length is no Python test
         # (tracers would freeze it), and the ops below handle zero sizes too.
         if 0 in _checks.shape_of(content_queries)[:2] + _checks.shape_of(keys_in)[:2]:
-            return self._empty_outputs(content_queries, keys_in, content_values)
+            outputs = self._empty_outputs(content_queries, keys_in, content_values)
+            return outputs if return_logits else outputs[0]
         key_mask = content_queries_mask if self_attention else content_keys_mask
 
         # (batch, length, heads, head_size)
@@ -659,6 +677,23 @@ class RelativeAttention(keras.layers.Layer):
         scale = 1.0 / (math.sqrt(self.head_size) * math.sqrt(len(terms)))
         q = q * ops.cast(scale, q.dtype)
 
+        pos_tables = index = None
+        if use_positions:
+            table = (
+                self.position_embedding
+                if position_embedding is None
+                else position_embedding
+            )
+            pos_tables, index = self._position_tables(
+                table, relative_positions, scale, training
+            )
+        if not return_logits:
+            attend = self._combine_masks(mask, key_mask, content_values_mask)
+            return self._pooled_only(
+                q, k, content_values, pos_tables, index, no_position_mask,
+                base_attn, attend, training,
+            )
+
         # Layouts. The logits are returned (batch, queries, keys, heads), as
         # edspdf does. The c2c matmul and the softmax + pooling run (batch,
         # heads, queries, keys), like MultiHeadAttention: a matmul writing or
@@ -670,15 +705,8 @@ class RelativeAttention(keras.layers.Layer):
         if "c2c" in terms:
             bhqk.append(ops.einsum("bqhd,bkhd->bhqk", q, k))
         if use_positions:
-            table = (
-                self.position_embedding
-                if position_embedding is None
-                else position_embedding
-            )
             output = _kernels.default_output()
-            positions = self._position_logits(
-                q, k, table, relative_positions, scale, training, output
-            )
+            positions = _kernels.position_logits(q, k, *pos_tables, index, output=output)
             if no_position_mask is not None:
                 keep = ops.logical_not(_checks.as_bool(no_position_mask))
                 keep = keep[..., None] if output == "bqkh" else keep[:, None]
@@ -720,6 +748,89 @@ class RelativeAttention(keras.layers.Layer):
         )
         return pooled, logits
 
+    def _pooled_only(
+        self, q, k, content_values, pos_tables, index, no_position_mask,
+        base_attn, attend, training,
+    ):
+        """The pooled output alone (`return_logits=False`).
+
+        Only the pooling heads are computed (the additional heads only make
+        logits), all in `(batch, heads, queries, keys)`, the layout the
+        softmax reads, and over blocks of queries when the inputs are long:
+        no `(batch, heads, queries, keys)` tensor is held for the whole input
+        (see `_query_blocks`). Each block follows the full path's rules
+        exactly (mask *replaces* logits by -10000, float32 softmax, dropout).
+        """
+        dtype = self.compute_dtype
+        first = self.n_additional_heads
+        q, k = q[:, :, first:], k[:, :, first:]
+        pos_q, pos_k = (None if t is None else t[:, :, first:] for t in pos_tables or (None, None))
+        values = self.value_proj(self._drop(content_values, training))
+        keep = None
+        if no_position_mask is not None:
+            keep = ops.cast(ops.logical_not(_checks.as_bool(no_position_mask)), dtype)[:, None]
+        base = None
+        if base_attn is not None:
+            base = ops.cast(base_attn, dtype)
+            if _checks.shape_of(base)[-1] != 1:
+                base = base[..., first:]
+            base = ops.transpose(base, (0, 3, 1, 2))
+        bias = None
+        c2c_q, c2c_k = q, k
+        if self.head_bias:
+            bias = ops.cast(self.bias[first:], dtype)
+            if "c2c" in self.mode:
+                # Inside the c2c matmul (q . k + bias . 1): one pass less
+                # over the (b, h, q, k) logits.
+                c2c_q = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]], -1)
+                c2c_k = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
+                bias = None
+            else:
+                bias = bias[:, None, None]
+
+        pooled_blocks = []
+        for rows in _query_blocks(q, k, self.n_heads):
+            take = functools.partial(_take_rows, rows=rows)
+            if self.dropout is None or not training:
+                pooled = _kernels.inference_pooling(
+                    c2c_q[:, rows] if "c2c" in self.mode else None,
+                    c2c_k if "c2c" in self.mode else None,
+                    q[:, rows], k, pos_q, pos_k,
+                    None if index is None else take(index, 1),
+                    None if keep is None else take(keep, 2),
+                    [t for t in (None if base is None else take(base, 2), bias) if t is not None],
+                    None if attend is None else take(attend, 2),
+                    values, MASKED_LOGIT,
+                )
+                if pooled is not None:
+                    pooled_blocks.append(pooled)
+                    continue
+            terms = []
+            if "c2c" in self.mode:
+                terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_q[:, rows], c2c_k))
+            if index is not None:
+                positions = _kernels.position_logits(
+                    q[:, rows], k, pos_q, pos_k, take(index, 1), output="bhqk"
+                )
+                if keep is not None:
+                    positions = positions * take(keep, 2)
+                terms.append(positions)
+            if base is not None:
+                terms.append(take(base, 2))
+            if bias is not None:
+                terms.append(bias)
+            logits = ops.cast(_sum(terms), "float32")
+            if attend is not None:
+                logits = ops.where(take(attend, 2), logits, MASKED_LOGIT)
+            weights = self._drop(ops.cast(_softmax(logits, axis=-1), dtype), training)
+            pooled_blocks.append(ops.einsum("bhqk,bkhd->bqhd", weights, values))
+        pooled = (
+            pooled_blocks[0]
+            if len(pooled_blocks) == 1
+            else ops.concatenate(pooled_blocks, axis=1)
+        )
+        return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))
+
     def _empty_outputs(self, queries, keys, values):
         """No batch, query or key: outputs of the right (empty) shapes.
 
@@ -735,10 +846,10 @@ class RelativeAttention(keras.layers.Layer):
             return logits
         return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
 
-    def _position_logits(
-        self, q, k, table, relative_positions, scale, training, output
-    ):
-        """c2p + p2c, already scaled, laid out as `output` says."""
+    def _position_tables(self, table, relative_positions, scale, training):
+        """The projected tables `(pos_q, pos_k)` (each `(P, coordinates,
+        heads, chunk)`, or None when its term is off; `pos_q` scaled) and
+        the int32 table index `(batch or 1, queries, keys, coordinates)`."""
         table = ops.cast(table, self.compute_dtype)
         n_positions = table.shape[0]
         if n_positions is None:  # a call-time table of unknown length
@@ -750,14 +861,13 @@ class RelativeAttention(keras.layers.Layer):
             t = self._drop(table, training)
             return proj(ops.reshape(t, (-1, coords, pos_size // coords)))
 
-        index = _table_index(relative_positions, n_positions)
         pos_k = pos_q = None
         if "c2p" in self.mode:
-            pos_k = project(self.position_key_proj)  # (P, x, heads, chunk)
+            pos_k = project(self.position_key_proj)
         if "p2c" in self.mode:
             pos_q = project(self._position_query_projection)
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
-        return _kernels.position_logits(q, k, pos_q, pos_k, index, output=output)
+        return (pos_q, pos_k), _table_index(relative_positions, n_positions)
 
     def _combine_masks(self, mask, key_mask, values_mask):
         """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
@@ -796,12 +906,15 @@ class RelativeAttention(keras.layers.Layer):
         return (batch, n_queries, self.size), logits
 
     def compute_output_spec(
-        self, content_queries, content_keys=None, content_values=None, **kwargs
+        self, content_queries, content_keys=None, content_values=None, *args, **kwargs
     ):
         # Same checks as `call`, so that symbolic models fail when built.
+        kwargs.update(zip(_CHECKED_CALL_ARGUMENTS, args))
+        return_logits = kwargs.get("return_logits", True)
         self._check_call_inputs(
             content_queries, content_keys, content_values,
             **{name: kwargs.get(name) for name in _CHECKED_CALL_ARGUMENTS},
+            return_logits=return_logits,
         )
         shapes = self.compute_output_shape(
             _checks.shape_of(content_queries),
@@ -810,6 +923,8 @@ class RelativeAttention(keras.layers.Layer):
         )
         if content_values is None:
             return keras.KerasTensor(shapes, dtype=self.compute_dtype)
+        if not return_logits:
+            return keras.KerasTensor(shapes[0], dtype=self.compute_dtype)
         return tuple(
             keras.KerasTensor(shape, dtype=self.compute_dtype) for shape in shapes
         )
@@ -915,13 +1030,14 @@ class _Projection(keras.layers.EinsumDense):
 
 
 def _table_index(relative_positions, n_positions):
-    """`clip(n_positions // 2 + relative_positions, 0, n_positions - 1)` as
-    int32, right for every integer dtype.
+    """`clip(n_positions // 2 + relative_positions, 0, n_positions - 1)`,
+    right for every integer dtype, in the dtype the kernels gather with.
 
     Widen, then clamp: narrow offsets (8 and 16 bits) are cast to int32
     first, so that bounds beyond their range cannot wrap; 64-bit and
     unsigned 32-bit offsets are clamped in their own dtype first, so that
-    none wraps when cast to int32.
+    none wraps when cast. The offset is clamped *before* the half table is
+    added, so that the sum cannot pass the int32 range either.
     """
     dtype = _checks.dtype_of(relative_positions)
     if dtype in ("int64", "uint32", "uint64"):
@@ -930,8 +1046,35 @@ def _table_index(relative_positions, n_positions):
             relative_positions = ops.clip(relative_positions, -bound, bound)
         else:
             relative_positions = ops.minimum(relative_positions, bound)
-    offsets = ops.clip(ops.cast(relative_positions, "int32"), -_OFFSET_BOUND, _OFFSET_BOUND)
-    return ops.clip(offsets + n_positions // 2, 0, n_positions - 1)
+    offsets = ops.cast(relative_positions, _kernels.index_dtype())
+    half = n_positions // 2
+    return ops.clip(offsets, -half, n_positions - 1 - half) + half
+
+
+def _query_blocks(q, k, n_heads):
+    """Slices of the queries to pool one after the other.
+
+    One block (all queries) unless the sizes are known and a whole
+    `(batch, heads, queries, keys)` tensor would pass
+    `_kernels.pooling_block_elements()`; never a Python test of a traced
+    size.
+    """
+    batch, n_queries = _checks.shape_of(q)[:2]
+    n_keys = _checks.shape_of(k)[1]
+    if None in (batch, n_queries, n_keys):
+        return [slice(None)]
+    per_query = max(1, batch * n_heads * n_keys)
+    rows = max(1, _kernels.pooling_block_elements() // per_query)
+    if rows >= n_queries:
+        return [slice(None)]
+    return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
+
+
+def _take_rows(x, axis, rows):
+    """`x`'s queries axis sliced to `rows`, unless it is 1 (broadcast)."""
+    if rows == slice(None) or _checks.shape_of(x)[axis] == 1:
+        return x
+    return x[(slice(None),) * axis + (rows,)]
 
 
 def _sum(terms):

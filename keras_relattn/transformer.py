@@ -54,10 +54,14 @@ class RelativeTransformerLayer(keras.layers.Layer):
         no_position_mask: `(batch or 1, length, length)` bool.
         position_embedding: optional shared table for the attention.
         training: bool.
+        return_logits: bool, default True. False returns the embeddings
+            alone and runs the attention's pooled-only path (faster, and
+            long inputs in bounded memory): the way to run a stack.
 
     Returns:
         `(embeds, attention_logits)`: `(batch, length, input_size)` and
-        `(batch, length, length, num_heads)`.
+        `(batch, length, length, num_heads)`; `embeds` alone with
+        `return_logits=False`.
 
     Example:
 
@@ -168,27 +172,32 @@ class RelativeTransformerLayer(keras.layers.Layer):
         no_position_mask=None,
         position_embedding=None,
         training=None,
+        return_logits=True,
         embeds_mask=None,
     ):
         if mask is None:
             mask = embeds_mask
-        update, logits = self.attention(
+        attended = self.attention(
             embeds, embeds, embeds, mask=mask, relative_positions=relative_positions,
             no_position_mask=no_position_mask, position_embedding=position_embedding,
-            training=training,
+            training=training, return_logits=return_logits,
         )
+        update, logits = attended if return_logits else (attended, None)
         gate = ops.cast(self.resweight, self.compute_dtype)
         embeds = self.norm(embeds + self._drop(update, training) * gate)
         hidden = self._drop(self._activation(self.linear1(embeds)), training)
         update = self.linear2(hidden)
         gate2 = ops.cast(self.resweight2, self.compute_dtype)
         embeds = self.norm2(embeds + self._drop(update, training) * gate2)
-        return embeds, logits
+        return (embeds, logits) if return_logits else embeds
 
-    def compute_output_spec(self, embeds, *args, **kwargs):
+    def compute_output_spec(self, embeds, *args, return_logits=True, **kwargs):
         batch, length = embeds.shape[0], embeds.shape[1]
+        embeds = keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype)
+        if not return_logits:
+            return embeds
         return (
-            keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype),
+            embeds,
             keras.KerasTensor(
                 (batch, length, length, self.attention.total_heads),
                 dtype=self.compute_dtype,

@@ -1,0 +1,162 @@
+"""`return_logits=False`: the pooled output alone, by a path that never holds
+the whole `(batch, heads, queries, keys)` logits, equal to the full path."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BACKEND, to_numpy
+from keras_relattn import RelativeAttention, RelativeTransformerLayer, _kernels
+from keras_relattn import relative_attention as relative_attention_module
+from test_parity import CASES, make_case
+
+POOLED_CASES = sorted(
+    name for name, spec in CASES.items() if spec.get("values", True)
+)
+
+
+@pytest.fixture(params=["one block", "blocks of 2 queries"])
+def blocks(request, monkeypatch):
+    """The pooled path in one block, and forced through many small ones."""
+    if request.param != "one block":
+        monkeypatch.setattr(_kernels, "pooling_block_elements", lambda: 1)
+    return request.param
+
+
+def inference(fn):
+    """torch: run as inference does (no autograd), which takes the in-place
+    kernel; other backends: as is."""
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            return fn()
+    return fn()
+
+
+@pytest.mark.parametrize("case", POOLED_CASES)
+def test_pooled_only_equals_the_full_path(case, blocks, rng):
+    size, n_heads, table, ctor, inputs = make_case(rng, **CASES[case])
+    layer = RelativeAttention(size, n_heads, position_embedding=table,
+                              bias_initializer="random_normal", **ctor)
+    layer.build()
+    if layer.head_bias:
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    full = to_numpy(layer(**inputs)[0])
+    pooled = layer(**inputs, return_logits=False)
+    assert not isinstance(pooled, (tuple, list))
+    np.testing.assert_allclose(to_numpy(pooled), full, atol=1e-5)
+    in_place = inference(lambda: layer(**inputs, return_logits=False))
+    np.testing.assert_allclose(to_numpy(in_place), full, atol=1e-5)
+
+
+def test_blocks_cover_the_queries_once():
+    q = np.zeros((2, 10, 4), "float32")
+    k = np.zeros((2, 7, 4), "float32")
+    blocks = relative_attention_module._query_blocks(q, k, 3)
+    assert blocks == [slice(None)]
+    original = _kernels.pooling_block_elements
+    try:
+        _kernels.pooling_block_elements = lambda: 2 * 3 * 7 * 3  # 3 queries
+        blocks = relative_attention_module._query_blocks(q, k, 3)
+    finally:
+        _kernels.pooling_block_elements = original
+    covered = [i for s in blocks for i in range(10)[s]]
+    assert covered == list(range(10)) and len(blocks) == 4
+
+
+def test_long_inputs_are_pooled_in_blocks():
+    """Length 8192, batch 1, 4 heads: no whole (1, 4, 8192, 8192) tensor."""
+    q = np.zeros((1, 8192, 4), "float32")
+    blocks = relative_attention_module._query_blocks(q, q, 4)
+    assert len(blocks) > 1
+    rows = blocks[0].stop - blocks[0].start
+    assert 4 * rows * 8192 <= _kernels.pooling_block_elements()
+
+
+def test_fully_masked_rows_average_the_values(rng, blocks):
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              n_coordinates=2)
+    x = rng.normal(size=(2, 4, 8)).astype("float32")
+    mask = np.ones((2, 4, 4), bool)
+    mask[0, 2] = False
+    mask[1] = False
+    rp = rng.integers(-5, 6, size=(2, 4, 4, 2))
+    pooled = to_numpy(layer(x, x, x, mask=mask, relative_positions=rp, return_logits=False))
+    values = to_numpy(layer.value_proj(x)).reshape(2, 4, 8)
+    np.testing.assert_allclose(pooled[0, 2], values[0].mean(0), atol=1e-5)
+    np.testing.assert_allclose(pooled[1], np.broadcast_to(values[1].mean(0), (4, 8)), atol=1e-5)
+
+
+def test_dropout_statistics_match_the_full_path(rng):
+    """Training draws differ between the paths, their statistics must not:
+    the same spread, and means equal up to the noise of the draws."""
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              dropout_p=0.3, seed=5)
+    x = rng.normal(size=(1, 6, 8)).astype("float32")
+    rp = rng.integers(-4, 5, size=(1, 6, 6, 1))
+    mask = np.ones((1, 6), bool)
+    draws = 300
+    pooled = np.stack([
+        to_numpy(layer(x, x, x, mask=mask, relative_positions=rp, training=True,
+                       return_logits=False))
+        for _ in range(draws)
+    ])
+    full = np.stack([
+        to_numpy(layer(x, x, x, mask=mask, relative_positions=rp, training=True)[0])
+        for _ in range(draws)
+    ])
+    assert np.abs(pooled.std(0)).mean() > 0.05  # dropout is active
+    scale = full.std(0).mean()
+    np.testing.assert_allclose(pooled.std(0).mean(), scale, rtol=0.15)
+    # Both means estimate the same thing; their difference is noise of
+    # std ~ spread * sqrt(2 / draws) per element.
+    assert np.abs(pooled.mean(0) - full.mean(0)).mean() < 4 * scale * np.sqrt(2 / draws)
+
+
+def test_return_logits_false_needs_values():
+    layer = RelativeAttention(8, 2)
+    x = np.ones((1, 3, 8), "float32")
+    with pytest.raises(ValueError, match="`return_logits=False`"):
+        layer(x, return_logits=False)
+
+
+def test_symbolic_pooled_only_output():
+    x = keras.Input((None, 8))
+    pooled = RelativeAttention(8, 2)(x, x, x, return_logits=False)
+    assert tuple(pooled.shape) == (None, None, 8)
+    model = keras.Model(x, pooled)
+    assert tuple(model(np.ones((2, 3, 8), "float32")).shape) == (2, 3, 8)
+
+
+def test_transformer_layer_without_logits(rng):
+    layer = RelativeTransformerLayer(
+        8, 2, init_resweight=0.5,
+        position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+    )
+    x = rng.normal(size=(2, 5, 8)).astype("float32")
+    rp = rng.integers(-4, 5, size=(1, 5, 5, 2))
+    mask = rng.random((2, 5)) > 0.2
+    embeds, _ = layer(x, mask=mask, relative_positions=rp)
+    alone = layer(x, mask=mask, relative_positions=rp, return_logits=False)
+    np.testing.assert_allclose(to_numpy(alone), to_numpy(embeds), atol=1e-5)
+    symbolic = layer(keras.Input((None, 8)), relative_positions=keras.Input(
+        (None, None, 2), dtype="int32"), return_logits=False)
+    assert tuple(symbolic.shape) == (None, None, 8)
+
+
+def test_pooled_only_gradients_equal_the_full_paths(rng):
+    from conftest import gradients
+
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              n_coordinates=2, position_embedding_trainable=True)
+    layer.build()
+    x = rng.normal(size=(2, 4, 8)).astype("float32")
+    inputs = dict(content_queries=x, content_keys=x, content_values=x,
+                  mask=rng.random((2, 4)) > 0.2,
+                  relative_positions=rng.integers(-5, 6, size=(2, 4, 4, 2)))
+    full = gradients(layer, lambda out: keras.ops.sum(out[0] ** 2), inputs)
+    alone = gradients(layer, lambda out: keras.ops.sum(out ** 2),
+                      dict(inputs, return_logits=False))
+    for a, b in zip(alone, full):
+        np.testing.assert_allclose(a, b, atol=1e-4)
