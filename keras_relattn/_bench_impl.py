@@ -300,3 +300,155 @@ def plot(curves, path, title):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --model: a 2-block model's train_on_batch against the same model with MHA ---------
+
+MODEL = dict(batch=8, length=256, coords=2, blocks=2)
+
+
+class MHABlock(keras.layers.Layer):
+    """The same block as `RelativeTransformerLayer`, with Keras MHA inside."""
+
+    def __init__(self, size, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(heads, size // heads, use_bias=True)
+        self.norm = keras.layers.LayerNormalization(epsilon=1e-5)
+        self.norm2 = keras.layers.LayerNormalization(epsilon=1e-5)
+        self.linear1 = keras.layers.Dense(2 * size)
+        self.linear2 = keras.layers.Dense(size)
+
+    def call(self, x, mask):
+        x = self.norm(x + self.attention(x, x, attention_mask=mask[:, None, :]))
+        update = self.linear2(keras.activations.gelu(self.linear1(x), approximate=False))
+        return self.norm2(x + update)
+
+
+def build_model(kind, coords):
+    from keras_relattn import RelativeTransformerLayer
+
+    tokens = keras.Input((None, SIZE))
+    mask = keras.Input((None,), dtype="bool")
+    positions = keras.Input((None, None, coords), dtype="int32")
+    x = tokens
+    for _ in range(MODEL["blocks"]):
+        if kind == "ours":
+            x = RelativeTransformerLayer(
+                SIZE, HEADS, init_resweight=1.0, n_coordinates=coords,
+                position_embedding_shape=(POSITIONS, SIZE),
+            )(x, mask=mask, relative_positions=positions, return_logits=False)
+        else:
+            x = MHABlock(SIZE, HEADS)(x, mask)
+    model = keras.Model([tokens, mask, positions], keras.layers.Dense(1)(x))
+    return model
+
+
+def model_systems(args, rng):
+    spec = MODEL
+    x, mask, rel = make_data(rng, spec["batch"], spec["length"], spec["coords"])
+    target = rng.normal(size=(spec["batch"], spec["length"], 1)).astype("float32")
+    jit = args.torch_compile if BACKEND == "torch" else True
+    systems = {}
+    for kind in ("ours", "keras_mha"):
+        model = build_model(kind, spec["coords"])
+        model.compile("adam", "mse", jit_compile=jit)
+
+        def step(model=model):
+            model.train_on_batch([x, mask, rel], target)
+        systems[kind] = step
+    return systems
+
+
+def run_model(args):
+    rng = np.random.default_rng(0)
+    compiler = {"jax": "jax.jit", "tensorflow": "XLA",
+                "torch": "torch.compile" if args.torch_compile else "eager"}[BACKEND]
+    print(f"keras {keras.__version__}, backend {BACKEND} ({compiler}): train_on_batch of "
+          f"{MODEL['blocks']} blocks, batch {MODEL['batch']} x {MODEL['length']}, "
+          f"{MODEL['coords']}-D positions; ours return_logits=False")
+    medians = time_interleaved(model_systems(args, rng), args.repeats)
+    for name, ms in medians.items():
+        print(f"{name:10} {ms:10.2f} ms {ms / medians['keras_mha']:8.2f} x keras_mha")
+    return {"backend": BACKEND, "compiler": compiler, "mode": "model", "spec": MODEL,
+            "median_ms": medians}
+
+
+# --long: peak memory and time of a pooled-only eager call at long lengths ----------
+
+def _rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def long_point(system, length):
+    """Two pooled-only eager calls of one shape, in a fresh process, as
+    inference (torch: `no_grad`): the time of the second call, and the peak
+    resident memory above the memory before the call it is read on. torch
+    and TensorFlow keep what they free, so their first call is read; JAX
+    gives it back, so its second call is (its first also holds the
+    compiler's own memory)."""
+    import contextlib
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, length, SIZE)).astype("float32")
+    mask = np.ones((1, length), bool)
+    if system == "ours":
+        layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE))
+        offsets = np.arange(length, dtype="int32")
+        rel = (offsets[None, :] - offsets[:, None])[None, :, :, None]
+
+        def call(x, mask, rel):
+            return layer(x, x, x, mask=mask, relative_positions=rel, return_logits=False)
+        args = (x, mask, rel)
+    else:
+        layer = keras.layers.MultiHeadAttention(HEADS, SIZE // HEADS)
+
+        def call(x, mask):
+            return layer(x, x, attention_mask=mask[:, None, :])
+        args = (x, mask)
+    context = contextlib.nullcontext
+    if BACKEND == "torch":
+        import torch
+
+        context = torch.no_grad
+    tensors = [keras.ops.convert_to_tensor(a) for a in args]
+    measured = 1 if BACKEND == "jax" else 0
+    times = []
+    for attempt in range(2):
+        if attempt == measured:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak (VmHWM) to the current resident size
+            before = _rss("VmRSS")
+        start = time.perf_counter()
+        with context():
+            keras.ops.convert_to_numpy(call(*tensors))
+        times.append((time.perf_counter() - start) * 1e3)
+        if attempt == measured:
+            peak = _rss("VmHWM") - before
+    return times[-1], peak
+
+
+def run_long(args):
+    import subprocess
+    import sys
+
+    lengths = [int(n) for n in args.long_lengths.split(",")]
+    print(f"keras {keras.__version__}, backend {BACKEND} (eager): one pooled-only call, "
+          f"batch 1, {HEADS} heads, D={SIZE}; each point in its own process")
+    print(f"{'length':>7} {'system':10} {'ms':>9} {'peak RSS +MiB':>14}")
+    points = {}
+    for length in lengths:
+        for system in ("ours", "keras_mha"):
+            code = ("import json; from keras_relattn import _bench_impl as b; "
+                    f"print(json.dumps(b.long_point({system!r}, {length})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{length:7} {system:10} failed: {done.stderr.strip().splitlines()[-1]}")
+                continue
+            ms, peak = json.loads(done.stdout.strip().splitlines()[-1])
+            points.setdefault(system, {})[length] = {"ms": ms, "peak_bytes": peak}
+            print(f"{length:7} {system:10} {ms:9.1f} {peak / 2**20:14.1f}")
+    return {"backend": BACKEND, "mode": "long", "points": points}

@@ -33,6 +33,10 @@ from keras import ops
 # of that matmul outweighs what it saves.
 BLOCK_DIAGONAL_MAX_HEADS = 4
 
+# Any offset beyond +-2**30 lies beyond any table: clamping there keeps the
+# result and fits int32.
+OFFSET_BOUND = 2**30
+
 LAYOUTS = ("head_major", "rows")
 OUTPUTS = ("bqkh", "bhqk")
 
@@ -42,6 +46,28 @@ OUTPUTS = ("bqkh", "bhqk")
 # known) sizes take the per-row gather, whose numbers stay below
 # `n_positions`.
 FLAT_INDEX_LIMIT = 2**31
+
+
+def table_index(relative_positions, n_positions):
+    """`clip(n_positions // 2 + relative_positions, 0, n_positions - 1)`,
+    right for every integer dtype, in the dtype the kernels gather with.
+
+    Widen, then clamp: narrow offsets (8 and 16 bits) are cast to int32
+    first, so that bounds beyond their range cannot wrap; 64-bit and
+    unsigned 32-bit offsets are clamped in their own dtype first, so that
+    none wraps when cast. The offset is clamped *before* the half table is
+    added, so that the sum cannot pass the int32 range either.
+    """
+    dtype = keras.backend.standardize_dtype(relative_positions.dtype)
+    if dtype in ("int64", "uint32", "uint64"):
+        bound = ops.cast(OFFSET_BOUND, dtype)
+        if dtype == "int64":
+            relative_positions = ops.clip(relative_positions, -bound, bound)
+        else:
+            relative_positions = ops.minimum(relative_positions, bound)
+    offsets = ops.cast(relative_positions, index_dtype())
+    half = n_positions // 2
+    return ops.clip(offsets, -half, n_positions - 1 - half) + half
 
 
 def index_dtype():
@@ -178,121 +204,174 @@ def _head_major_scores(x, table):
 
 
 def position_logits(
-    q, k, pos_q, pos_k, index, layout=None, output=None, block_diagonal=None
+    q, k, pos_q, pos_k, relative_positions, layout=None, output=None,
+    block_diagonal=None,
 ):
     """c2p + p2c as `(batch, queries, keys, heads)` or `(batch, heads,
-    queries, keys)`.
+    queries, keys)`: `PositionTerms(...).logits()`, for every query."""
+    terms = PositionTerms(
+        q, k, pos_q, pos_k, relative_positions, layout, output, block_diagonal
+    )
+    return terms.logits()
+
+
+class PositionTerms:
+    """The c2p + p2c terms of one call: table scores made once, gathered per
+    block of queries (`logits(rows)`), in the layout the caller reads.
 
     Args:
         q: `(batch, queries, heads, head_size)`, scaled.
         k: `(batch, keys, heads, head_size)`.
         pos_q, pos_k: `(n_positions, coordinates, heads, chunk)` or None
             (term not computed); `pos_q` scaled.
-        index: `(batch or 1, queries, keys, coordinates)` int32 or int64 (see `index_dtype`), in
-            `[0, n_positions)`.
+        relative_positions: `(batch or 1, queries or 1, keys or 1,
+            coordinates)` integer offsets, any dtype; turned into table rows
+            (`table_index`) block by block, so that no whole-input index
+            exists at once.
         layout: `"head_major"` or `"rows"` (see the module docstring); by
             default, the one measured fastest on the backend.
         output: `"bqkh"` or `"bhqk"`, the layout of the result; by default
             `default_output()`.
         block_diagonal: for `"rows"`, force or forbid the block-diagonal
             matmul (tests); by default chosen from the number of heads.
+
+    The gather, chosen once from the backend and the sizes:
+
+    - `"torch_rows"` (torch, `"bhqk"`): per-row `torch.gather` along the
+      table axis of `(b, h, queries, P)` and `(b, h, P, keys)` scores; both
+      come out contiguous in the softmax's layout. Measured W2 pooled: ~2.5x
+      faster than `index_select` on flat numbers plus strided adds.
+    - `"flat"`: one gather of flat score numbers `(batch * rows + row) *
+      n_positions + offset` (the XLA default), when they surely fit int32
+      (torch: int64 numbers otherwise).
+    - `"per_row"`: `take_along_axis` along each row of scores, where the flat
+      numbers could pass 2**31 or the sizes are not known while tracing:
+      nothing can wrap.
     """
-    table = pos_k if pos_k is not None else pos_q
-    n_positions, coords, heads, chunk = (
-        ops.shape(table)[0], table.shape[1], table.shape[2], table.shape[3]
-    )
-    layout = default_layout() if layout is None else layout
-    output = default_output() if output is None else output
-    if layout not in LAYOUTS:
-        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
-    heads_last = output == "bqkh"
-    if block_diagonal is None:
-        block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
-    batch, n_queries = ops.shape(q)[0], ops.shape(q)[1]
-    n_keys = ops.shape(k)[1]
-    # Sizes of 1 in the index broadcast over queries and keys (as in edspdf).
-    index = ops.broadcast_to(index, (ops.shape(index)[0], n_queries, n_keys, coords))
-    if keras.backend.backend() == "torch" and not heads_last and layout == "head_major":
-        return _torch_row_gathers(q, k, pos_q, pos_k, index)
-    index_dtype = "int32"
-    if not (
-        flat_index_fits(batch, n_queries, n_positions)
-        and flat_index_fits(batch, n_keys, n_positions)
-    ):
-        if keras.backend.backend() != "torch":
-            return _per_row_position_logits(q, k, pos_q, pos_k, index, heads_last)
-        index_dtype = "int64"  # torch gathers with int64 numbers as fast
-    q = ops.reshape(q, (batch * n_queries, heads, coords, chunk))
-    k = ops.reshape(k, (batch * n_keys, heads, coords, chunk))
-    # Base score number of each (batch, query) and (batch, key), broadcast to
-    # the pairs (the index may have a batch of 1).
-    b = ops.arange(batch, dtype=index_dtype)[:, None, None]
-    pairs = (batch, n_queries, n_keys)
-    c2p_base = (b * n_queries + ops.arange(n_queries, dtype=index_dtype)[None, :, None]) * n_positions
-    p2c_base = (b * n_keys + ops.arange(n_keys, dtype=index_dtype)[None, None, :]) * n_positions
-    c2p_base = ops.broadcast_to(c2p_base, pairs)
-    p2c_base = ops.broadcast_to(p2c_base, pairs)
-    index = ops.cast(index, index_dtype)
 
-    def term(x, pos, base, idx):
-        if layout == "head_major":
-            return take_columns(_head_major_scores(x, pos), base + idx, heads_last)
-        taken = ops.take(_row_scores(x, pos, block_diagonal), base + idx, axis=0)
-        return taken if heads_last else ops.transpose(taken, (0, 3, 1, 2))
+    def __init__(self, q, k, pos_q, pos_k, relative_positions, layout=None,
+                 output=None, block_diagonal=None):
+        table = pos_k if pos_k is not None else pos_q
+        self.n_positions = ops.shape(table)[0]
+        self.coords, self.heads = table.shape[1], table.shape[2]
+        self.layout = default_layout() if layout is None else layout
+        self.output = default_output() if output is None else output
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"`output` must be one of {OUTPUTS}, got {self.output!r}")
+        self.heads_last = self.output == "bqkh"
+        self.block_diagonal = (
+            self.heads <= BLOCK_DIAGONAL_MAX_HEADS if block_diagonal is None
+            else block_diagonal
+        )
+        self.batch, self.n_queries = ops.shape(q)[0], ops.shape(q)[1]
+        self.n_keys = ops.shape(k)[1]
+        # Sizes of 1 broadcast over queries and keys (as in edspdf).
+        self.offsets = ops.broadcast_to(
+            relative_positions,
+            (ops.shape(relative_positions)[0], self.n_queries, self.n_keys, self.coords),
+        )
+        backend = keras.backend.backend()
+        fits = flat_index_fits(self.batch, self.n_queries, self.n_positions) and (
+            flat_index_fits(self.batch, self.n_keys, self.n_positions)
+        )
+        if backend == "torch" and not self.heads_last and self.layout == "head_major":
+            self.gather = "torch_rows"
+        elif fits or backend == "torch":
+            self.gather = "flat"
+            self.index_dtype = "int32" if fits else "int64"
+        else:
+            self.gather = "per_row"
+        chunk = q.shape[-1] // self.coords
+        # Per coordinate: (c2p scores or None, p2c scores or None).
+        self.scores = [
+            (
+                None if pos_k is None
+                else self._scores(q[..., x * chunk:(x + 1) * chunk], pos_k[:, x], "c2p"),
+                None if pos_q is None
+                else self._scores(k[..., x * chunk:(x + 1) * chunk], pos_q[:, x], "p2c"),
+            )
+            for x in range(self.coords)
+        ]
 
-    total = None
-    for x in range(coords):
-        idx = index[..., x]
-        for rows, pos, base in ((q, pos_k, c2p_base), (k, pos_q, p2c_base)):
-            if pos is not None:
-                t = term(rows[:, :, x], pos[:, x], base, idx)
-                total = t if total is None else total + t
-    return total
+    def _scores(self, x, table, term):
+        """`x` `(batch, length, heads, chunk)` against `table` `(P, heads,
+        chunk)`, laid out for this gather."""
+        if self.gather == "torch_rows":
+            equation = "bqhd,phd->bhqp" if term == "c2p" else "bkhd,phd->bhpk"
+            return ops.einsum(equation, x, table)
+        if self.gather == "per_row":  # (batch, length, heads, P)
+            return ops.einsum("blhd,phd->blhp", x, table)
+        rows = ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+        if self.layout == "head_major":
+            return _head_major_scores(rows, table)
+        return _row_scores(rows, table, self.block_diagonal)
+
+    def logits(self, rows=slice(None), reuse=False):
+        """c2p + p2c for the queries `rows`, in the `output` layout.
+
+        `reuse` (torch, no autograd): gather every term after the first into
+        one spare buffer and add it in place.
+        """
+        offsets = self.offsets if rows == slice(None) else self.offsets[:, rows]
+        index = table_index(offsets, self.n_positions)
+        total = spare = None
+        for x, (c2p, p2c) in enumerate(self.scores):
+            idx = index[..., x]
+            for scores, term in ((c2p, "c2p"), (p2c, "p2c")):
+                if scores is None:
+                    continue
+                if total is None:
+                    total = self._gather(scores, idx, term, rows)
+                elif reuse and self.gather == "torch_rows":
+                    spare = self._gather(scores, idx, term, rows, out=spare)
+                    total.add_(spare)
+                else:
+                    total = total + self._gather(scores, idx, term, rows)
+        return total
+
+    def _gather(self, scores, idx, term, rows, out=None):
+        if self.gather == "torch_rows":
+            import torch
+
+            if term == "c2p" and rows != slice(None):
+                scores = scores[:, :, rows]
+            batch, heads = scores.shape[0], scores.shape[1]
+            idx = idx.to(torch.int64)[:, None].expand(batch, heads, *idx.shape[1:])
+            return torch.gather(scores, 3 if term == "c2p" else 2, idx, out=out)
+        if self.gather == "per_row":
+            if term == "c2p":  # rows are queries: (b, q, h, P) -> (b, q, h, k)
+                if rows != slice(None):
+                    scores = scores[:, rows]
+                taken = ops.take_along_axis(scores, idx[:, :, None, :], axis=3)
+                return ops.transpose(taken, (0, 1, 3, 2) if self.heads_last else (0, 2, 1, 3))
+            # rows are keys: (b, k, h, P) -> (b, k, h, q)
+            by_key = ops.transpose(idx, (0, 2, 1))
+            taken = ops.take_along_axis(scores, by_key[:, :, None, :], axis=3)
+            return ops.transpose(taken, (0, 3, 1, 2) if self.heads_last else (0, 2, 3, 1))
+        # Flat score numbers: the base number of each (batch, query) or
+        # (batch, key), broadcast to the pairs (the index may have a batch
+        # of 1).
+        dtype = self.index_dtype
+        n_rows = ops.shape(idx)[1]
+        b = ops.arange(self.batch, dtype=dtype)[:, None, None]
+        if term == "c2p":
+            first = 0 if rows.start is None else rows.start
+            row = ops.arange(n_rows, dtype=dtype)[None, :, None] + first
+            base = (b * self.n_queries + row) * self.n_positions
+        else:
+            col = ops.arange(self.n_keys, dtype=dtype)[None, None, :]
+            base = (b * self.n_keys + col) * self.n_positions
+        flat = ops.broadcast_to(base, (self.batch, n_rows, self.n_keys)) + ops.cast(idx, dtype)
+        if self.layout == "head_major":
+            return take_columns(scores, flat, self.heads_last)
+        taken = ops.take(scores, flat, axis=0)
+        return taken if self.heads_last else ops.transpose(taken, (0, 3, 1, 2))
 
 
-def _torch_row_gathers(q, k, pos_q, pos_k, index, reuse=False):
-    """torch eager, `(batch, heads, queries, keys)`: per-row `torch.gather`.
-
-    c2p scores `(b, h, queries, P)` are gathered along P with the index as
-    `(b, h, queries, keys)`; p2c scores laid out `(b, h, P, keys)` are
-    gathered along P the same way, so both come out contiguous in the
-    softmax's layout and add without strided reads. The gathered numbers are
-    offsets in `[0, P)`: nothing can wrap. Measured on W2 (pooled only):
-    ~2.5x faster than `index_select` on flat numbers plus strided adds.
-    """
-    import torch
-
-    batch, n_queries, heads, _ = q.shape
-    n_keys = k.shape[1]
-    coords = (pos_k if pos_k is not None else pos_q).shape[1]
-    chunk = q.shape[-1] // coords
-    index = index.to(torch.int64)  # a no-op for the layer's own index
-    total = spare = None
-    for x in range(coords):
-        idx = index[..., x][:, None].expand(batch, heads, n_queries, n_keys)
-        part = slice(x * chunk, (x + 1) * chunk)
-        for scores, axis in (
-            (None if pos_k is None
-             else torch.einsum("bqhd,phd->bhqp", q[..., part], pos_k[:, x]), 3),
-            (None if pos_q is None
-             else torch.einsum("bkhd,phd->bhpk", k[..., part], pos_q[:, x]), 2),
-        ):
-            if scores is None:
-                continue
-            if total is None:
-                total = torch.gather(scores, axis, idx)
-            elif reuse:  # no autograd: one spare buffer for every later term
-                spare = torch.gather(scores, axis, idx, out=spare)
-                total.add_(spare)
-            else:
-                total = total + torch.gather(scores, axis, idx)
-    return total
-
-
-def inference_pooling(c2c_q, c2c_k, q, k, pos_q, pos_k, index, keep,
-                      extra, attend, values, masked_logit):
+def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
+                      values, masked_logit):
     """One block of the pooled-only path in place (torch inference), or None.
 
     The same arithmetic as the layer's generic block (`keras.ops`), with one
@@ -306,8 +385,8 @@ def inference_pooling(c2c_q, c2c_k, q, k, pos_q, pos_k, index, keep,
     Args:
         c2c_q, c2c_k: `(batch, queries|keys, heads, d)` for the c2c matmul
             (head bias folded in), or None without c2c.
-        q, k, pos_q, pos_k, index: as in `position_logits` (index None:
-            no position terms).
+        positions: a `PositionTerms` ("bhqk") or None, and `rows` the
+            queries of this block.
         keep: `(batch or 1, 1, queries, keys)` 0/1 factor on the position
             terms, or None.
         extra: terms added to the logits, each broadcastable to `(batch,
@@ -319,14 +398,16 @@ def inference_pooling(c2c_q, c2c_k, q, k, pos_q, pos_k, index, keep,
         return None
     import torch
 
-    tensors = [t for t in (c2c_q, c2c_k, q, k, pos_q, pos_k, values) if t is not None]
+    tensors = [t for t in (c2c_q, c2c_k, values) if t is not None]
+    if positions is not None:
+        tensors += [s for pair in positions.scores for s in pair if s is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     if any(t.dtype != torch.float32 for t in tensors):
         return None
     logits = None
-    if index is not None:
-        logits = _torch_row_gathers(q, k, pos_q, pos_k, index, reuse=True)
+    if positions is not None:
+        logits = positions.logits(rows, reuse=True)
         if keep is not None:
             logits.mul_(keep)
     if c2c_q is not None:
@@ -346,32 +427,3 @@ def inference_pooling(c2c_q, c2c_k, q, k, pos_q, pos_k, index, keep,
     logits.sub_(logits.amax(-1, keepdim=True)).exp_()
     logits.div_(logits.sum(-1, keepdim=True))
     return torch.matmul(logits, values.transpose(1, 2)).transpose(1, 2)
-
-
-def _per_row_position_logits(q, k, pos_q, pos_k, index, heads_last):
-    """As `position_logits`, gathering along each row of scores.
-
-    Every gathered number is an offset in `[0, n_positions)`, so nothing can
-    wrap whatever the sizes (the flat path's limit, `FLAT_INDEX_LIMIT`).
-    Plain `keras.ops`; slower than the flat gather, used only where that one
-    cannot be proved safe.
-    """
-    batch, n_queries, n_keys = ops.shape(q)[0], ops.shape(q)[1], ops.shape(k)[1]
-    index = ops.broadcast_to(index, (batch, n_queries, n_keys, ops.shape(index)[3]))
-    coords = (pos_k if pos_k is not None else pos_q).shape[1]
-    chunk = q.shape[-1] // coords
-    total = None
-    for x in range(coords):
-        idx = index[..., x]
-        if pos_k is not None:  # rows are queries: (b, q, h, P) -> (b, q, h, k)
-            scores = ops.einsum("bqhd,phd->bqhp", q[..., x * chunk:(x + 1) * chunk], pos_k[:, x])
-            taken = ops.take_along_axis(scores, idx[:, :, None, :], axis=3)
-            t = ops.transpose(taken, (0, 1, 3, 2) if heads_last else (0, 2, 1, 3))
-            total = t if total is None else total + t
-        if pos_q is not None:  # rows are keys: (b, k, h, P) -> (b, k, h, q)
-            scores = ops.einsum("bkhd,phd->bkhp", k[..., x * chunk:(x + 1) * chunk], pos_q[:, x])
-            by_key = ops.transpose(idx, (0, 2, 1))
-            taken = ops.take_along_axis(scores, by_key[:, :, None, :], axis=3)
-            t = ops.transpose(taken, (0, 3, 1, 2) if heads_last else (0, 2, 3, 1))
-            total = t if total is None else total + t
-    return total

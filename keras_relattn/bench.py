@@ -46,6 +46,11 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per workload")
     p.add_argument("--systems", default="ours,keras_mha,edspdf,deberta")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile ours")
+    p.add_argument("--model", action="store_true",
+                   help="train_on_batch of a 2-block model, against the same model with MHA")
+    p.add_argument("--long", action="store_true",
+                   help="peak memory and time of one pooled-only eager call at long lengths")
+    p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="PNG: time vs length, log-log")
     p.add_argument("--plot-lengths", default="64,128,256,512,1024")
@@ -61,6 +66,14 @@ def main(argv=None):
         return subprocess.call([sys.executable, "-m", "keras_relattn.bench", *argv], env=env)
     from keras_relattn import _bench_impl
 
+    if args.model or args.long:
+        import json
+
+        result = (_bench_impl.run_model if args.model else _bench_impl.run_long)(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     return _bench_impl.run(args)
 
 

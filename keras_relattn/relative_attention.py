@@ -82,9 +82,6 @@ _CALL_ARGUMENTS = (
     "content_queries", "content_keys", "content_values", *_CHECKED_CALL_ARGUMENTS,
 )
 
-# Any offset beyond +-2**30 lies beyond any table: clamping there keeps the
-# result and fits int32.
-_OFFSET_BOUND = 2**30
 
 
 def _prepare_input(name, value):
@@ -99,7 +96,7 @@ def _prepare_input(name, value):
         and value.dtype.kind in "iu"
         and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
     ):
-        value = np.clip(value, -_OFFSET_BOUND, _OFFSET_BOUND).astype("int32")
+        value = np.clip(value, -_kernels.OFFSET_BOUND, _kernels.OFFSET_BOUND).astype("int32")
     return value
 
 
@@ -677,20 +674,18 @@ class RelativeAttention(keras.layers.Layer):
         scale = 1.0 / (math.sqrt(self.head_size) * math.sqrt(len(terms)))
         q = q * ops.cast(scale, q.dtype)
 
-        pos_tables = index = None
+        pos_tables = None
         if use_positions:
             table = (
                 self.position_embedding
                 if position_embedding is None
                 else position_embedding
             )
-            pos_tables, index = self._position_tables(
-                table, relative_positions, scale, training
-            )
+            pos_tables = self._position_tables(table, scale, training)
         if not return_logits:
             attend = self._combine_masks(mask, key_mask, content_values_mask)
             return self._pooled_only(
-                q, k, content_values, pos_tables, index, no_position_mask,
+                q, k, content_values, pos_tables, relative_positions, no_position_mask,
                 base_attn, attend, training,
             )
 
@@ -706,7 +701,9 @@ class RelativeAttention(keras.layers.Layer):
             bhqk.append(ops.einsum("bqhd,bkhd->bhqk", q, k))
         if use_positions:
             output = _kernels.default_output()
-            positions = _kernels.position_logits(q, k, *pos_tables, index, output=output)
+            positions = _kernels.position_logits(
+                q, k, *pos_tables, relative_positions, output=output
+            )
             if no_position_mask is not None:
                 keep = ops.logical_not(_checks.as_bool(no_position_mask))
                 keep = keep[..., None] if output == "bqkh" else keep[:, None]
@@ -749,7 +746,7 @@ class RelativeAttention(keras.layers.Layer):
         return pooled, logits
 
     def _pooled_only(
-        self, q, k, content_values, pos_tables, index, no_position_mask,
+        self, q, k, content_values, pos_tables, relative_positions, no_position_mask,
         base_attn, attend, training,
     ):
         """The pooled output alone (`return_logits=False`).
@@ -764,7 +761,9 @@ class RelativeAttention(keras.layers.Layer):
         dtype = self.compute_dtype
         first = self.n_additional_heads
         q, k = q[:, :, first:], k[:, :, first:]
-        pos_q, pos_k = (None if t is None else t[:, :, first:] for t in pos_tables or (None, None))
+        pos_q, pos_k = (
+            None if t is None else t[:, :, first:] for t in pos_tables or (None, None)
+        )
         values = self.value_proj(self._drop(content_values, training))
         keep = None
         if no_position_mask is not None:
@@ -788,6 +787,11 @@ class RelativeAttention(keras.layers.Layer):
             else:
                 bias = bias[:, None, None]
 
+        positions = None
+        if pos_tables is not None:  # the table scores, once for every block
+            positions = _kernels.PositionTerms(
+                q, k, pos_q, pos_k, relative_positions, output="bhqk"
+            )
         pooled_blocks = []
         for rows in _query_blocks(q, k, self.n_heads):
             take = functools.partial(_take_rows, rows=rows)
@@ -795,8 +799,7 @@ class RelativeAttention(keras.layers.Layer):
                 pooled = _kernels.inference_pooling(
                     c2c_q[:, rows] if "c2c" in self.mode else None,
                     c2c_k if "c2c" in self.mode else None,
-                    q[:, rows], k, pos_q, pos_k,
-                    None if index is None else take(index, 1),
+                    positions, rows,
                     None if keep is None else take(keep, 2),
                     [t for t in (None if base is None else take(base, 2), bias) if t is not None],
                     None if attend is None else take(attend, 2),
@@ -808,13 +811,11 @@ class RelativeAttention(keras.layers.Layer):
             terms = []
             if "c2c" in self.mode:
                 terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_q[:, rows], c2c_k))
-            if index is not None:
-                positions = _kernels.position_logits(
-                    q[:, rows], k, pos_q, pos_k, take(index, 1), output="bhqk"
-                )
+            if positions is not None:
+                position_logits = positions.logits(rows)
                 if keep is not None:
-                    positions = positions * take(keep, 2)
-                terms.append(positions)
+                    position_logits = position_logits * take(keep, 2)
+                terms.append(position_logits)
             if base is not None:
                 terms.append(take(base, 2))
             if bias is not None:
@@ -846,14 +847,10 @@ class RelativeAttention(keras.layers.Layer):
             return logits
         return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
 
-    def _position_tables(self, table, relative_positions, scale, training):
-        """The projected tables `(pos_q, pos_k)` (each `(P, coordinates,
-        heads, chunk)`, or None when its term is off; `pos_q` scaled) and
-        the int32 table index `(batch or 1, queries, keys, coordinates)`."""
+    def _position_tables(self, table, scale, training):
+        """The projected tables `(pos_q, pos_k)`: each `(P, coordinates,
+        heads, chunk)`, or None when its term is off; `pos_q` scaled."""
         table = ops.cast(table, self.compute_dtype)
-        n_positions = table.shape[0]
-        if n_positions is None:  # a call-time table of unknown length
-            n_positions = ops.shape(table)[0]
         pos_size = self.position_embedding_shape[1]
         coords = self.n_coordinates
 
@@ -867,7 +864,7 @@ class RelativeAttention(keras.layers.Layer):
         if "p2c" in self.mode:
             pos_q = project(self._position_query_projection)
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
-        return (pos_q, pos_k), _table_index(relative_positions, n_positions)
+        return pos_q, pos_k
 
     def _combine_masks(self, mask, key_mask, values_mask):
         """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
@@ -1027,28 +1024,6 @@ class _Projection(keras.layers.EinsumDense):
         if self.bias is None:
             return x
         return ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
-
-
-def _table_index(relative_positions, n_positions):
-    """`clip(n_positions // 2 + relative_positions, 0, n_positions - 1)`,
-    right for every integer dtype, in the dtype the kernels gather with.
-
-    Widen, then clamp: narrow offsets (8 and 16 bits) are cast to int32
-    first, so that bounds beyond their range cannot wrap; 64-bit and
-    unsigned 32-bit offsets are clamped in their own dtype first, so that
-    none wraps when cast. The offset is clamped *before* the half table is
-    added, so that the sum cannot pass the int32 range either.
-    """
-    dtype = _checks.dtype_of(relative_positions)
-    if dtype in ("int64", "uint32", "uint64"):
-        bound = ops.cast(_OFFSET_BOUND, dtype)
-        if dtype == "int64":
-            relative_positions = ops.clip(relative_positions, -bound, bound)
-        else:
-            relative_positions = ops.minimum(relative_positions, bound)
-    offsets = ops.cast(relative_positions, _kernels.index_dtype())
-    half = n_positions // 2
-    return ops.clip(offsets, -half, n_positions - 1 - half) + half
 
 
 def _query_blocks(q, k, n_heads):
