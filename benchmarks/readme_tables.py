@@ -1,9 +1,11 @@
-"""Print the README's performance tables from the benchmark runs in this folder.
+"""Print the performance tables of README.md and docs/performance.md from the
+benchmark runs in this folder.
 
-    python benchmarks/readme_tables.py
+    python benchmarks/readme_tables.py            # print them
+    python benchmarks/readme_tables.py --write    # put them in the documents
 
-tests/test_docs.py checks that the README holds exactly these tables, so the
-numbers there are always the ones in the JSON files next to this script.
+tests/test_docs.py checks that each document holds exactly these tables, so
+the numbers there are always the ones in the JSON files next to this script.
 """
 
 import json
@@ -13,7 +15,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {
     ("jax", "jax.jit"): "JAX, `jax.jit`",
     ("tensorflow", "XLA (tf.function jit_compile)"): "TensorFlow, XLA",
+    ("tensorflow", "XLA"): "TensorFlow, XLA",
     ("torch", "eager"): "PyTorch, eager",
+    ("torch", "torch.compile"): "PyTorch, `torch.compile`",
+}
+BACKENDS = ["jax", "tensorflow", "torch", "torch_compile"]
+EAGER = {"jax": "JAX, eager", "tensorflow": "TensorFlow, eager", "torch": "PyTorch, eager"}
+# Which document holds which table.
+DOCUMENTS = {
+    "cpu_pooled": "README.md",
+    "cpu_long": "README.md",
+    "cpu_forward": "docs/performance.md",
+    "cpu_backward": "docs/performance.md",
+    "gpu": "docs/performance.md",
 }
 TABLES = {
     "cpu_forward": ["forward_jax.json", "forward_tensorflow.json", "forward_torch.json"],
@@ -26,14 +40,18 @@ TABLES = {
 }
 
 
+def load(name):
+    with open(os.path.join(HERE, name)) as f:
+        return json.load(f)
+
+
 def table(files, with_mode=False):
     lines = [
         "| backend | workload | ours | edspdf | Keras MHA | ours / edspdf | ours / MHA |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in files:
-        with open(os.path.join(HERE, name)) as f:
-            run = json.load(f)
+        run = load(name)
         label = NAMES[(run["backend"], run["compiler"])]
         if with_mode:
             label += ", " + {"forward": "forward", "forward+backward": "fwd+bwd"}[run["mode"]]
@@ -47,10 +65,88 @@ def table(files, with_mode=False):
     return "\n".join(lines)
 
 
+def pooled_table():
+    """The paths users run: pooled output only (`return_logits=False`, MHA
+    returning its output only), forward + backward, a model's training step."""
+    lines = [
+        "| backend | path | workload | ours | Keras MHA | edspdf | ours / MHA | ours / edspdf |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for backend in BACKENDS:
+        for kind, path in (("pooled_forward", "pooled, forward"),
+                           ("pooled_backward", "pooled, fwd+bwd")):
+            run = load(f"{kind}_{backend}.json")
+            label = NAMES[(run["backend"], run["compiler"])]
+            for workload, entry in run["workloads"].items():
+                ms = entry["median_ms"]
+                lines.append(
+                    f"| {label} | {path} | {workload} | {ms['ours']:.2f} | "
+                    f"{ms['keras_mha']:.2f} | {ms['edspdf']:.2f} | "
+                    f"**{ms['ours'] / ms['keras_mha']:.2f}** | "
+                    f"{ms['ours'] / ms['edspdf']:.2f} |"
+                )
+        run = load(f"model_{backend}.json")
+        ms = run["median_ms"]
+        lines.append(
+            f"| {NAMES[(run['backend'], run['compiler'])]} | 2-block model, `train_on_batch` | "
+            f"8 x 256, 2-D | {ms['ours']:.2f} | {ms['keras_mha']:.2f} | - | "
+            f"**{ms['ours'] / ms['keras_mha']:.2f}** | - |"
+        )
+    return "\n".join(lines)
+
+
+def long_table():
+    lines = [
+        "| backend | length | ours ms | Keras MHA ms | ours peak MiB | Keras MHA peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend in ("jax", "tensorflow", "torch"):
+        run = load(f"long_{backend}.json")
+        ours, mha = run["points"]["ours"], run["points"].get("keras_mha", {})
+        for length in sorted(ours, key=int):
+            theirs = mha.get(length)
+            lines.append(
+                f"| {EAGER[backend]} | {length} | {ours[length]['ms']:.0f} | "
+                f"{'-' if theirs is None else format(theirs['ms'], '.0f')} | "
+                f"{mib(ours[length]['peak_bytes'])} | "
+                f"{'not run' if theirs is None else mib(theirs['peak_bytes'])} |"
+            )
+    return "\n".join(lines)
+
+
+def mib(peak_bytes):
+    return "< 1" if peak_bytes < 2**20 else f"{peak_bytes / 2**20:.0f}"
+
+
 def tables():
-    return {key: table(files, with_mode=key == "gpu") for key, files in TABLES.items()}
+    found = {key: table(files, with_mode=key == "gpu") for key, files in TABLES.items()}
+    found["cpu_pooled"] = pooled_table()
+    found["cpu_long"] = long_table()
+    return found
+
+
+def write():
+    """Each table goes after its `<!-- key -->` line, replacing the lines up
+    to the next blank one."""
+    root = os.path.dirname(HERE)
+    for key, text in tables().items():
+        path = os.path.join(root, DOCUMENTS[key])
+        with open(path) as f:
+            lines = f.read().split("\n")
+        start = lines.index(f"<!-- {key} -->") + 1
+        end = start
+        while end < len(lines) and lines[end].strip():
+            end += 1
+        lines[start:end] = text.split("\n")
+        with open(path, "w") as f:
+            f.write("\n".join(lines))
 
 
 if __name__ == "__main__":
-    for key, text in tables().items():
-        print(f"<!-- {key} -->\n{text}\n")
+    import sys
+
+    if "--write" in sys.argv:
+        write()
+    else:
+        for key, text in tables().items():
+            print(f"<!-- {key} ({DOCUMENTS[key]}) -->\n{text}\n")

@@ -83,9 +83,15 @@ def pooling_block_elements():
     torch eager: 2**20 (4 MiB of float32). Fresh buffers larger than that
     cost page faults on every call on CPU (glibc hands them back to the
     system); measured W2 pooled, torch: 24 ms in one block, 17 ms in blocks
-    of 2**20. XLA reuses its buffers: 2**23 (32 MiB), a bound on memory.
+    of 2**20. XLA and torch.compile plan their buffers: 2**23 (32 MiB), a
+    bound on memory.
     """
-    return 2**20 if keras.backend.backend() == "torch" else 2**23
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if not torch.compiler.is_compiling():  # inductor plans its own buffers
+            return 2**20
+    return 2**23
 
 
 def flat_index_fits(*sizes):
@@ -380,7 +386,8 @@ def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
     W2 pooled: 28 ms with a fresh tensor per step, 15 ms when the allocator
     keeps its pages), and the generic autograd-friendly form needs one per
     step. Returns None where it does not apply (the generic path then runs):
-    another backend, gradients being recorded, or not float32.
+    another backend, `torch.compile` (inductor fuses the generic form),
+    gradients being recorded, or not float32.
 
     Args:
         c2c_q, c2c_k: `(batch, queries|keys, heads, d)` for the c2c matmul
@@ -398,6 +405,8 @@ def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
         return None
     import torch
 
+    if torch.compiler.is_compiling():  # inductor fuses the generic form itself
+        return None
     tensors = [t for t in (c2c_q, c2c_k, values) if t is not None]
     if positions is not None:
         tensors += [s for pair in positions.scores for s in pair if s is not None]

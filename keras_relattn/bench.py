@@ -51,6 +51,8 @@ def parse(argv):
     p.add_argument("--long", action="store_true",
                    help="peak memory and time of one pooled-only eager call at long lengths")
     p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--long-mha-max", type=int, default=8192,
+                   help="longest length run for Keras MHA in --long (it holds n x n)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="PNG: time vs length, log-log")
     p.add_argument("--plot-lengths", default="64,128,256,512,1024")

@@ -38,8 +38,9 @@ class PositionTable(keras.layers.Layer):
     >>> table = PositionTable(32, 16, name="table")(tokens)
     >>> x = tokens
     >>> for _ in range(2):
-    ...     x, _ = RelativeAttention(16, 2, position_embedding_shape=(None, 16))(
-    ...         x, x, x, relative_positions=positions, position_embedding=table)
+    ...     x = RelativeAttention(16, 2, position_embedding_shape=(None, 16))(
+    ...         x, x, x, relative_positions=positions, position_embedding=table,
+    ...         return_logits=False)
     >>> model = keras.Model([tokens, positions], x)
     >>> [w.path for w in model.weights if w.shape == (32, 16)]
     ['table/embeddings']

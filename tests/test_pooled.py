@@ -160,3 +160,24 @@ def test_pooled_only_gradients_equal_the_full_paths(rng):
                       dict(inputs, return_logits=False))
     for a, b in zip(alone, full):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile (dynamo) is torch's")
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_no_graph_break_under_torch_compile(return_logits, rng):
+    import torch
+
+    layer = RelativeAttention(16, 2, position_embedding_shape=(9, 16), n_coordinates=2,
+                              n_additional_heads=1)
+    x = torch.tensor(rng.normal(size=(2, 5, 16)).astype("float32"))
+    mask = torch.tensor(rng.random((2, 5)) > 0.2)
+    positions = torch.tensor(rng.integers(-6, 7, size=(2, 5, 5, 2)).astype("int32"))
+    layer(x, x, x, mask=mask, relative_positions=positions)  # built outside the trace
+
+    def call(x, mask, positions):
+        return layer(x, x, x, mask=mask, relative_positions=positions,
+                     return_logits=return_logits)
+
+    explained = torch._dynamo.explain(call)(x, mask, positions)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
