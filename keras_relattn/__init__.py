@@ -1,6 +1,7 @@
 """keras-relattn: DeBERTa-style relative attention for Keras 3 (TF, JAX, torch)."""
 
 from keras_relattn import positions
+from keras_relattn.box_transformer import BoxTransformer
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.position_table import PositionTable
 from keras_relattn.positions import sinusoidal_table
@@ -10,6 +11,7 @@ from keras_relattn.transformer import RelativeTransformerLayer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoxTransformer",
     "PositionTable",
     "RelativeAttention",
     "RelativeTransformerLayer",

@@ -1,0 +1,237 @@
+"""`BoxTransformer`: edspdf's `BoxTransformerModule` as one Keras layer."""
+
+import keras
+from keras import ops
+
+from keras_relattn import _checks
+from keras_relattn.positions import box_relative_positions
+from keras_relattn.transformer import RelativeTransformerLayer
+
+BOX_KEYS = ("xmin", "ymin", "xmax", "ymax", "width", "height")
+
+
+@keras.saving.register_keras_serializable(package="keras_relattn")
+class BoxTransformer(keras.layers.Layer):
+    """A stack of `RelativeTransformerLayer`s over the text boxes of pages.
+
+    The equivalent of edspdf's `BoxTransformerModule`: a learnt empty
+    ("CLS") embedding is prepended to every page, the relative positions of
+    the boxes are computed inside (`positions.box_relative_positions`, i.e.
+    edspdf's `compute_pdf_relative_positions`), the CLS row and column get no
+    position terms, every layer reads one shared trainable position table,
+    and the CLS row is removed from the output. Weights port both ways with
+    edspdf's names through `keras_relattn.load_edspdf_state_dict` /
+    `edspdf_state_dict`.
+
+    Args:
+        input_size: int, feature size of the line embeddings.
+        num_heads: int, attention heads of each layer.
+        dropout_p: float, dropout of the attention and residual branches.
+        head_size: int, size of each attention head (default
+            `input_size // num_heads`).
+        activation: `"gelu"` (exact, edspdf's default) or any activation
+            `RelativeTransformerLayer` takes.
+        init_resweight: float, initial value of the residual gates.
+        n_relative_positions: int or None, rows of the shared table (and the
+            scale of the x offsets). None: no position terms (content only).
+        attention_mode: terms of the attention, see `RelativeAttention`.
+        n_layers: int, number of layers.
+        seed: optional int, seed of the dropouts.
+        **kwargs: other `keras.layers.Layer` arguments.
+
+    Call arguments:
+        embeds: `(pages, lines, input_size)` line embeddings.
+        boxes: dict of `(pages, lines)` float tensors with edspdf's keys
+            `xmin, ymin, xmax, ymax, width, height` (page-relative
+            coordinates). A dict of `keras.Input`s works in functional
+            models.
+        mask: `(pages, lines)` bool, True = a real line. Default: the
+            embeddings' Keras mask, else all lines real.
+        training: bool, whether dropout is active.
+        return_logits: bool, default False (edspdf returns the embeddings
+            alone). True also returns every layer's logits.
+
+    Returns:
+        `(pages, lines, input_size)` contextualized embeddings; with
+        `return_logits=True`, `(embeddings, [logits of each layer])`, each
+        `(pages, lines + 1, lines + 1, num_heads)` (the CLS row and column
+        first).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_relattn import BoxTransformer
+    >>> layer = BoxTransformer(16, num_heads=2, n_relative_positions=32)
+    >>> rng = np.random.default_rng(0)
+    >>> x0 = rng.random((2, 5)).astype("float32") * 0.8
+    >>> y0 = rng.random((2, 5)).astype("float32") * 0.9
+    >>> boxes = dict(xmin=x0, ymin=y0, xmax=x0 + 0.1, ymax=y0 + 0.02,
+    ...              width=np.full((2, 5), 0.1, "float32"),
+    ...              height=np.full((2, 5), 0.02, "float32"))
+    >>> out = layer(rng.normal(size=(2, 5, 16)).astype("float32"), boxes)
+    >>> tuple(out.shape)
+    (2, 5, 16)
+
+    References:
+        - edspdf, `edspdf.layers.box_transformer.BoxTransformerModule`.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        num_heads=2,
+        dropout_p=0.0,
+        head_size=None,
+        activation="gelu",
+        init_resweight=0.0,
+        n_relative_positions=None,
+        attention_mode=("c2c", "c2p", "p2c"),
+        n_layers=2,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.n_layers = _checks.positive_int("n_layers", n_layers)
+        if n_relative_positions is not None:
+            n_relative_positions = _checks.positive_int(
+                "n_relative_positions", n_relative_positions
+            )
+        self.n_relative_positions = n_relative_positions
+        self.num_heads = num_heads
+        self.dropout_p = float(dropout_p)
+        self.head_size = head_size
+        self.activation = activation
+        self.init_resweight = float(init_resweight)
+        self.attention_mode = tuple(attention_mode)
+        self.seed = seed
+        table_shape = None if n_relative_positions is None else (None, self.input_size)
+        self.transformer_layers = [
+            RelativeTransformerLayer(
+                self.input_size,
+                num_heads=num_heads,
+                dropout_p=dropout_p,
+                head_size=head_size,
+                activation=activation,
+                init_resweight=init_resweight,
+                attention_mode=attention_mode,
+                n_coordinates=2,
+                position_embedding_shape=table_shape,
+                seed=None if seed is None else seed + 2 * i,
+                dtype=self.dtype_policy,
+                name=f"layers_{i}",
+            )
+            for i in range(self.n_layers)
+        ]
+        self.supports_masking = True
+
+    def build(self, embeds_shape=None, boxes_shape=None):
+        # edspdf initializes both with torch.randn.
+        normal = keras.initializers.RandomNormal(stddev=1.0, seed=self.seed)
+        self.empty_embed = self.add_weight(
+            name="empty_embed", shape=(self.input_size,), initializer=normal
+        )
+        self.position_embedding = None
+        if self.n_relative_positions is not None:
+            self.position_embedding = self.add_weight(
+                name="position_embedding",
+                shape=(self.n_relative_positions, self.input_size),
+                initializer=normal,
+            )
+        for layer in self.transformer_layers:
+            layer.build()
+        self.built = True
+
+    def call(self, embeds, boxes, mask=None, training=None, return_logits=False,
+             embeds_mask=None):
+        if mask is None:
+            mask = embeds_mask
+        _checks.check_shape(
+            "embeds", _checks.shape_of(embeds), (None, None, self.input_size),
+            "(pages, lines, input_size)",
+        )
+        batch, length = ops.shape(embeds)[0], ops.shape(embeds)[1]
+        if mask is None:
+            mask = ops.ones((batch, length), "bool")
+        mask = _checks.as_bool(mask)
+        dtype = self.compute_dtype
+        cls = ops.zeros((batch, 1, self.input_size), dtype) + ops.cast(self.empty_embed, dtype)
+        x = ops.concatenate([cls, ops.cast(embeds, dtype)], axis=1)
+        keep = ops.concatenate([ops.ones((batch, 1), "bool"), mask], axis=1)
+
+        positions = no_positions = table = None
+        if self.n_relative_positions is not None:
+            missing = [key for key in BOX_KEYS if key not in boxes]
+            if missing:
+                raise ValueError(
+                    f"`boxes` lacks {missing}: it needs edspdf's keys {BOX_KEYS}, "
+                    "each a (pages, lines) float tensor."
+                )
+            relative = box_relative_positions(
+                boxes["xmin"], boxes["ymin"], boxes["xmax"], boxes["ymax"],
+                boxes["width"], boxes["height"], self.n_relative_positions,
+            )
+            # The CLS row and column: offset 0, and no position terms.
+            positions = ops.pad(relative, [[0, 0], [1, 0], [1, 0], [0, 0]])
+            lines = ops.pad(ops.ones((batch, length, length), "int32"), [[0, 0], [1, 0], [1, 0]])
+            no_positions = ops.equal(lines, 0)
+            table = ops.cast(self.position_embedding, dtype)
+
+        logits = []
+        for layer in self.transformer_layers:
+            out = layer(
+                x, mask=keep, relative_positions=positions, no_position_mask=no_positions,
+                position_embedding=table, training=training, return_logits=return_logits,
+            )
+            if return_logits:
+                x, layer_logits = out
+                logits.append(layer_logits)
+            else:
+                x = out
+        x = x[:, 1:]
+        return (x, logits) if return_logits else x
+
+    def compute_output_spec(self, embeds, boxes=None, mask=None, training=None,
+                            return_logits=False, embeds_mask=None):
+        batch, length = embeds.shape[0], embeds.shape[1]
+        out = keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype)
+        if not return_logits:
+            return out
+        rows = None if length is None else length + 1
+        heads = self.transformer_layers[0].attention.total_heads
+        return out, [
+            keras.KerasTensor((batch, rows, rows, heads), dtype=self.compute_dtype)
+            for _ in self.transformer_layers
+        ]
+
+    def compute_mask(self, embeds, previous_mask=None):
+        return _checks.keras_mask_of(embeds)
+
+    def _edspdf_entries(self, prefix=""):
+        from keras_relattn import porting
+
+        entries = [porting._identity(self.empty_embed, prefix + "empty_embed")]
+        for i, layer in enumerate(self.transformer_layers):
+            name = f"{prefix}layers.{i}."
+            entries += layer._edspdf_entries(name)
+            if self.position_embedding is not None:  # one table, under each layer's name
+                entries.append(porting._identity(
+                    self.position_embedding, name + "attention.position_embedding"
+                ))
+        return entries
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_size=self.input_size,
+            num_heads=self.num_heads,
+            dropout_p=self.dropout_p,
+            head_size=self.head_size,
+            activation=self.activation,
+            init_resweight=self.init_resweight,
+            n_relative_positions=self.n_relative_positions,
+            attention_mode=list(self.attention_mode),
+            n_layers=self.n_layers,
+            seed=self.seed,
+        )
+        return config

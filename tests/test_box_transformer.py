@@ -1,0 +1,141 @@
+"""`BoxTransformer` against edspdf's `BoxTransformerModule`, and in Keras."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import to_numpy
+from keras_relattn import BoxTransformer, edspdf_state_dict, load_edspdf_state_dict
+from keras_relattn.box_transformer import BOX_KEYS
+
+torch = pytest.importorskip("torch")
+foldedtensor = pytest.importorskip("foldedtensor")
+
+LINES = [5, 3, 4]  # lines per page: pages are padded to 5
+SIZE = 16
+
+
+def pages(rng, lengths=LINES):
+    """edspdf's inputs (FoldedTensors by page and line) and ours (arrays)."""
+    def folded(rows):
+        return foldedtensor.as_folded_tensor(
+            rows, full_names=["page", "line"], data_dims=["page", "line"], dtype=torch.float
+        )
+
+    def per_line(draw):
+        return [[float(draw()) for _ in range(n)] for n in lengths]
+
+    xmin = folded(per_line(lambda: rng.random() * 0.8))
+    ymin = folded(per_line(lambda: rng.random() * 0.9))
+    width = folded(per_line(lambda: 0.05 + 0.1 * rng.random()))
+    height = folded(per_line(lambda: 0.01 + 0.02 * rng.random()))
+    boxes = dict(
+        xmin=xmin, ymin=ymin, width=width, height=height,
+        xmax=xmin.with_data(xmin.as_tensor() + width.as_tensor()),
+        ymax=ymin.with_data(ymin.as_tensor() + height.as_tensor()),
+    )
+    data = rng.normal(size=(len(lengths), max(lengths), SIZE)).astype("float32")
+    embeds = xmin.with_data(torch.tensor(data))
+    ours = dict(
+        embeds=data,
+        boxes={k: v.as_tensor().numpy() for k, v in boxes.items()},
+        mask=xmin.mask.numpy(),
+    )
+    return (embeds, boxes), ours
+
+
+def random_module(rng, **kwargs):
+    from edspdf.layers.box_transformer import BoxTransformerModule
+
+    module = BoxTransformerModule(SIZE, **kwargs).eval()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.tensor(rng.normal(0.0, 0.5, size=param.shape)))
+    return module
+
+
+CONFIGS = {
+    "default": dict(num_heads=2, n_relative_positions=32, init_resweight=0.5),
+    "three_layers_c2p": dict(num_heads=4, n_relative_positions=16, n_layers=3,
+                             attention_mode=("c2c", "c2p"), init_resweight=0.3),
+    "no_positions": dict(num_heads=2, n_relative_positions=None, init_resweight=0.7),
+    "relu_head_size": dict(num_heads=2, head_size=4, n_relative_positions=24,
+                           activation="relu", init_resweight=0.5),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_matches_edspdf_both_ways(config, rng):
+    kwargs = CONFIGS[config]
+    module = random_module(rng, **kwargs)
+    theirs, ours = pages(rng)
+    with torch.no_grad():
+        expected = module(*theirs).as_tensor().numpy()
+
+    layer = BoxTransformer(SIZE, **kwargs)
+    load_edspdf_state_dict(layer, module.state_dict())
+    got = to_numpy(layer(**ours))
+    real = ours["mask"]  # padded lines are computed from padding on both sides
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4)
+
+    # Our own weights, exported, give edspdf our outputs.
+    for weight in layer.weights:
+        weight.assign(rng.normal(0.0, 0.5, size=weight.shape).astype("float32"))
+    state = {k: torch.from_numpy(v) for k, v in edspdf_state_dict(layer).items()}
+    module.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        expected = module(*theirs).as_tensor().numpy()
+    np.testing.assert_allclose(to_numpy(layer(**ours))[real], expected[real], atol=1e-4)
+
+
+def test_one_shared_trainable_table_and_every_layers_logits(rng):
+    layer = BoxTransformer(SIZE, num_heads=2, n_relative_positions=32, n_layers=3)
+    _, ours = pages(rng)
+    out, logits = layer(**ours, return_logits=True)
+    assert tuple(out.shape) == (3, 5, SIZE)
+    assert [tuple(t.shape) for t in logits] == [(3, 6, 6, 2)] * 3
+    tables = [w for w in layer.trainable_weights if "position_embedding" in w.path]
+    assert len(tables) == 1
+    np.testing.assert_allclose(to_numpy(layer(**ours)), to_numpy(out), atol=1e-6)
+
+
+def test_functional_model_with_a_dict_of_boxes_saves_and_loads(rng, tmp_path):
+    embeds = keras.Input((None, SIZE), name="embeds")
+    boxes = {key: keras.Input((None,), name=key) for key in BOX_KEYS}
+    mask = keras.Input((None,), dtype="bool", name="mask")
+    out = BoxTransformer(SIZE, num_heads=2, n_relative_positions=32, init_resweight=0.5)(
+        embeds, boxes, mask=mask)
+    model = keras.Model({"embeds": embeds, "mask": mask, **boxes}, out)
+    _, ours = pages(rng)
+    inputs = {"embeds": ours["embeds"], "mask": ours["mask"], **ours["boxes"]}
+    before = to_numpy(model(inputs))
+    path = str(tmp_path / "box.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(again(inputs)), before, atol=1e-6)
+
+
+def test_embeddings_keras_mask_is_the_line_mask(rng):
+    layer = BoxTransformer(SIZE, num_heads=2, n_relative_positions=32, init_resweight=0.5)
+    embedding = keras.layers.Embedding(10, SIZE, mask_zero=True)
+    ids = keras.Input((None,), dtype="int32")
+    box_inputs = {key: keras.Input((None,), name=key) for key in BOX_KEYS}
+    model = keras.Model([ids, box_inputs], layer(embedding(ids), box_inputs))
+    _, ours = pages(rng)
+    real = ours["mask"]
+    tokens = np.where(real, 3, 0).astype("int32")  # 0 = padding
+    got = to_numpy(model([tokens, ours["boxes"]]))
+    want = to_numpy(layer(to_numpy(embedding(tokens)), ours["boxes"], mask=real))
+    np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+    assert not np.allclose(  # the mask matters: all lines real gives other numbers
+        to_numpy(layer(to_numpy(embedding(tokens)), ours["boxes"]))[real], want[real]
+    )
+
+
+def test_missing_box_keys_fail_clearly(rng):
+    layer = BoxTransformer(SIZE, n_relative_positions=32)
+    _, ours = pages(rng)
+    boxes = dict(ours["boxes"])
+    del boxes["height"]
+    with pytest.raises(ValueError, match="lacks \\['height'\\]"):
+        layer(ours["embeds"], boxes)
