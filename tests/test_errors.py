@@ -108,6 +108,13 @@ ROWS = [
      call(content_keys=x(2, 3, 6)), ValueError, "(batch, n_keys, key_size) = (2, ?, 8)"),
     ("`content_values` with `do_pooling=False`", call(layer_2d(do_pooling=False)),
      ValueError, "`do_pooling=False`"),
+    ("`size=None` (logits only) without `key_size`",
+     lambda: RelativeAttention(None, 2, query_size=8, do_pooling=False), ValueError,
+     "`key_size` is required"),
+    ("`return_logits=False` without values",
+     call(content_values=None, return_logits=False), ValueError, "`return_logits=False`"),
+    ("3-D `mask` whose queries axis neither 1 nor the queries'",
+     call(mask=x(2, 2, 3, dtype="bool")), ValueError, "`mask` has shape (2, 2, 3)"),
 ]
 
 
