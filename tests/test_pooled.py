@@ -181,3 +181,21 @@ def test_no_graph_break_under_torch_compile(return_logits, rng):
     explained = torch._dynamo.explain(call)(x, mask, positions)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_pooled_only_under_mixed_precision(policy, rng):
+    table = rng.normal(size=(9, 8)).astype("float32")
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    inputs = dict(mask=rng.random((2, 6)) > 0.2,
+                  relative_positions=rng.integers(-5, 6, size=(1, 6, 6, 2)))
+    reference = RelativeAttention(8, 2, position_embedding=table, n_coordinates=2)
+    expected = to_numpy(reference(x, x, x, **inputs, return_logits=False))
+    layer = RelativeAttention(8, 2, position_embedding=table, n_coordinates=2, dtype=policy)
+    layer.build()
+    layer.set_weights(reference.get_weights())
+    got = inference(lambda: layer(x, x, x, **inputs, return_logits=False))
+    assert keras.backend.standardize_dtype(got.dtype) == policy.split("_")[1]
+    got = to_numpy(got).astype("float32")
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=0.1)
