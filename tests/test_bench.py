@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_runs_and_checks_agreement_with_edspdf(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "keras_relattn.bench", "--workloads", "W1", "--repeats", "1",
+        [sys.executable, os.path.join("benchmarks", "bench.py"), "--workloads", "W1", "--repeats", "1",
          "--systems", "ours,keras_mha,edspdf", "--json", str(out)],
         cwd=ROOT, env=dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2"),
         capture_output=True, text=True, timeout=600,

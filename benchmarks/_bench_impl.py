@@ -1,16 +1,24 @@
 """The benchmark's body (imported after the backend is fixed); see bench.py."""
 
 import json
+import os
 import statistics
 import time
 
 import keras
 import numpy as np
 
-from keras_relattn.bench import HEADS, POSITIONS, SIZE, WORKLOADS
 from keras_relattn.relative_attention import RelativeAttention
 
 BACKEND = keras.backend.backend()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+WORKLOADS = {
+    "W1": dict(batch=8, length=128, coords=1),
+    "W2": dict(batch=4, length=512, coords=1),
+    "W3": dict(batch=8, length=256, coords=2),
+}
+SIZE, HEADS, POSITIONS = 128, 4, 64
 
 
 def make_data(rng, batch, length, coords):
@@ -450,7 +458,7 @@ def run_long(args):
                 print(f"{length:7} {system:10} skipped (its (1, 4, n, n) tensors alone: "
                       f"{4 * 4 * length**2 / 2**30:.0f} GiB each)")
                 continue
-            code = ("import json; from keras_relattn import _bench_impl as b; "
+            code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import _bench_impl as b; "
                     f"print(json.dumps(b.long_point({system!r}, {length})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if done.returncode != 0:

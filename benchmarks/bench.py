@@ -1,4 +1,4 @@
-"""`python -m keras_relattn.bench`: time RelativeAttention against baselines.
+"""`python benchmarks/bench.py`: time RelativeAttention against baselines.
 
 Systems, timed interleaved in one process (round-robin, one call each per
 round) so that machine noise hits them alike:
@@ -27,16 +27,9 @@ import os
 import subprocess
 import sys
 
-WORKLOADS = {
-    "W1": dict(batch=8, length=128, coords=1),
-    "W2": dict(batch=4, length=512, coords=1),
-    "W3": dict(batch=8, length=256, coords=2),
-}
-SIZE, HEADS, POSITIONS = 128, 4, 64
-
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m keras_relattn.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["tensorflow", "jax", "torch"])
     p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, of W1,W2,W3")
@@ -65,8 +58,9 @@ def main(argv=None):
     args = parse(argv)
     if args.backend and os.environ.get("KERAS_BACKEND") != args.backend:
         env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
-        return subprocess.call([sys.executable, "-m", "keras_relattn.bench", *argv], env=env)
-    from keras_relattn import _bench_impl
+        return subprocess.call([sys.executable, os.path.abspath(__file__), *argv], env=env)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _bench_impl  # after the backend is fixed: it imports keras
 
     if args.model or args.long:
         import json
