@@ -207,19 +207,6 @@ class BoxTransformer(keras.layers.Layer):
     def compute_mask(self, embeds, previous_mask=None):
         return _checks.keras_mask_of(embeds)
 
-    def _edspdf_entries(self, prefix=""):
-        from keras_relattn import porting
-
-        entries = [porting._identity(self.empty_embed, prefix + "empty_embed")]
-        for i, layer in enumerate(self.transformer_layers):
-            name = f"{prefix}layers.{i}."
-            entries += layer._edspdf_entries(name)
-            if self.position_embedding is not None:  # one table, under each layer's name
-                entries.append(porting._identity(
-                    self.position_embedding, name + "attention.position_embedding"
-                ))
-        return entries
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -95,39 +95,78 @@ def _identity(variable, name):
 
 
 def _attention_entries(layer, prefix=""):
-    entries = _linear(prefix + "content_key_proj", layer.key_proj)
-    entries += _linear(prefix + "content_query_proj", layer._query_projection)
+    """edspdf's `RelativeAttention`."""
+    entries = _linear(prefix + "content_key_proj", layer.key_projection)
+    entries += _linear(prefix + "content_query_proj", layer.query_projection)
     if layer.do_pooling:
-        entries += _linear(prefix + "content_value_proj", layer.value_proj)
+        entries += _linear(prefix + "content_value_proj", layer.value_projection)
     if layer.owns_table:
         entries.append(
             _identity(layer.position_embedding, prefix + "position_embedding")
         )
     if layer.position_embedding_shape is not None:
         entries += _grouped_linear(
-            prefix + "position_key_proj", layer.position_key_proj
+            prefix + "position_key_proj", layer.position_key_projection
         )
         entries += _grouped_linear(
-            prefix + "position_query_proj", layer._position_query_projection
+            prefix + "position_query_proj", layer.position_query_projection
         )
     if layer.head_bias:
         entries.append(_identity(layer.bias, prefix + "bias"))
     return entries
 
 
-def _entries(layer, prefix=""):
-    if not layer.built:
-        layer.build()
-    entries_fn = getattr(layer, "_edspdf_entries", None)
-    if entries_fn is not None:
-        return entries_fn(prefix)
-    from keras_relattn.relative_attention import RelativeAttention
+def _transformer_layer_entries(layer, prefix=""):
+    """edspdf's `BoxTransformerLayer`."""
+    entries = _attention_entries(layer.attention, prefix + "attention.")
+    entries.append(_identity(layer.resweight, prefix + "resweight"))
+    entries.append(_identity(layer.resweight2, prefix + "resweight2"))
+    for name in ("norm", "norm2"):
+        norm = getattr(layer, name)
+        entries.append(_identity(norm.gamma, f"{prefix}{name}.weight"))
+        entries.append(_identity(norm.beta, f"{prefix}{name}.bias"))
+    for name in ("linear1", "linear2"):
+        entries += _dense(f"{prefix}{name}", getattr(layer, name))
+    return entries
 
-    if isinstance(layer, RelativeAttention):
-        return _attention_entries(layer, prefix)
+
+def _box_transformer_entries(layer, prefix=""):
+    """edspdf's `BoxTransformerModule`: its state dict names the one shared
+    table under each layer, as `torch.nn.Module.state_dict` does."""
+    entries = [_identity(layer.empty_embed, prefix + "empty_embed")]
+    for i, block in enumerate(layer.transformer_layers):
+        name = f"{prefix}layers.{i}."
+        entries += _transformer_layer_entries(block, name)
+        if layer.position_embedding is not None:
+            entries.append(
+                _identity(layer.position_embedding, name + "attention.position_embedding")
+            )
+    return entries
+
+
+def _handlers():
+    # Imported here: the layers' modules do not import this one.
+    from keras_relattn.box_transformer import BoxTransformer
+    from keras_relattn.relative_attention import RelativeAttention
+    from keras_relattn.transformer import RelativeTransformerLayer
+
+    return (
+        (BoxTransformer, _box_transformer_entries),
+        (RelativeTransformerLayer, _transformer_layer_entries),
+        (RelativeAttention, _attention_entries),
+    )
+
+
+def _entries(layer, prefix=""):
+    for layer_type, entries in _handlers():
+        if isinstance(layer, layer_type):
+            if not layer.built:
+                layer.build()
+            return entries(layer, prefix)
     raise TypeError(
-        "`layer` must be a keras_relattn layer with an edspdf counterpart, "
-        f"got {type(layer).__name__}."
+        "`layer` must be a keras_relattn layer with an edspdf counterpart "
+        "(RelativeAttention, RelativeTransformerLayer or BoxTransformer), got "
+        f"{type(layer).__name__}."
     )
 
 
@@ -145,13 +184,15 @@ def load_edspdf_state_dict(layer, state_dict):
     """Loads an edspdf `state_dict` into a keras_relattn layer.
 
     `RelativeAttention` takes the state dict of edspdf's `RelativeAttention`,
-    `RelativeTransformerLayer` that of its `BoxTransformerLayer`.
+    `RelativeTransformerLayer` that of its `BoxTransformerLayer`, and
+    `BoxTransformer` that of its `BoxTransformerModule`.
 
     Every tensor must be present with the right shape and every key of the
-    state dict must be used: all the problems are listed in one error.
+    state dict must be used: all the problems are listed in one error. Into
+    a LoRA layer, the base kernels are loaded and the adapters' `B` zeroed.
 
     Args:
-        layer: a `RelativeAttention` (built or not) configured like the
+        layer: one of those layers (built or not), configured like the
             edspdf module the state dict comes from.
         state_dict: mapping of edspdf parameter names to numpy arrays or
             torch tensors, e.g. `module.state_dict()`.
@@ -227,8 +268,9 @@ def edspdf_state_dict(layer):
     `torch.nn.Module.state_dict` writes them.
 
     Args:
-        layer: a `RelativeAttention` or `RelativeTransformerLayer` (built
-            on demand).
+        layer: a `RelativeAttention`, `RelativeTransformerLayer` or
+            `BoxTransformer` (built on demand). LoRA kernels are exported
+            merged with their adapters.
 
     Returns:
         dict of edspdf parameter names to numpy arrays; with

@@ -467,11 +467,11 @@ class RelativeAttention(keras.layers.Layer):
         """The `EinsumDense` projections of this layer, each once."""
         if not self.built:
             self.build()
-        found = [self.key_proj, self._query_projection]
+        found = [self.key_proj, self.query_projection]
         if self.do_pooling:
             found.append(self.value_proj)
         if self.position_embedding_shape is not None:
-            found += [self.position_key_proj, self._position_query_projection]
+            found += [self.position_key_proj, self.position_query_projection]
         unique = []
         for proj in found:
             if all(proj is not seen for seen in unique):
@@ -500,11 +500,32 @@ class RelativeAttention(keras.layers.Layer):
             )
 
     @property
-    def _query_projection(self):
+    def query_projection(self):
+        """The queries' `EinsumDense` (the keys' one with `same_key_query_proj`)."""
         return self.key_proj if self.same_key_query_proj else self.query_proj
 
     @property
-    def _position_query_projection(self):
+    def key_projection(self):
+        """The keys' `EinsumDense`, kernel `(key_size, heads, head_size)`."""
+        return self.key_proj
+
+    @property
+    def value_projection(self):
+        """The values' `EinsumDense`, or None with `do_pooling=False`."""
+        return self.value_proj if self.do_pooling else None
+
+    @property
+    def position_key_projection(self):
+        """The table's projection for c2p, or None without a table."""
+        if self.position_embedding_shape is None:
+            return None
+        return self.position_key_proj
+
+    @property
+    def position_query_projection(self):
+        """The table's projection for p2c (the key one when shared), or None."""
+        if self.position_embedding_shape is None:
+            return None
         if self.same_key_query_proj or self.same_positional_key_query_proj:
             return self.position_key_proj
         return self.position_query_proj
@@ -661,7 +682,7 @@ class RelativeAttention(keras.layers.Layer):
         key_mask = content_queries_mask if self_attention else content_keys_mask
 
         # (batch, length, heads, head_size)
-        q = self._query_projection(self._drop(content_queries, training))
+        q = self.query_projection(self._drop(content_queries, training))
         k = self.key_proj(self._drop(keys_in, training))
 
         use_positions = relative_positions is not None and any(
@@ -862,7 +883,7 @@ class RelativeAttention(keras.layers.Layer):
         if "c2p" in self.mode:
             pos_k = project(self.position_key_proj)
         if "p2c" in self.mode:
-            pos_q = project(self._position_query_projection)
+            pos_q = project(self.position_query_projection)
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
         return pos_q, pos_k
 

@@ -207,20 +207,6 @@ class RelativeTransformerLayer(keras.layers.Layer):
     def compute_mask(self, inputs, previous_mask=None):
         return self.attention.compute_mask(inputs, previous_mask)
 
-    def _edspdf_entries(self, prefix=""):
-        from keras_relattn import porting
-
-        entries = porting._attention_entries(self.attention, prefix + "attention.")
-        entries.append(porting._identity(self.resweight, prefix + "resweight"))
-        entries.append(porting._identity(self.resweight2, prefix + "resweight2"))
-        for name in ("norm", "norm2"):
-            layer = getattr(self, name)
-            entries.append(porting._identity(layer.gamma, f"{prefix}{name}.weight"))
-            entries.append(porting._identity(layer.beta, f"{prefix}{name}.bias"))
-        for name in ("linear1", "linear2"):
-            entries += porting._dense(f"{prefix}{name}", getattr(self, name))
-        return entries
-
     def get_config(self):
         config = super().get_config()
         attention = self.attention

@@ -83,12 +83,12 @@ def weights_of(layer):
     def dense(d):
         return arr(d.kernel), arr(d.bias)
 
-    w = {"key": dense(layer.key_proj), "query": dense(layer._query_projection)}
+    w = {"key": dense(layer.key_proj), "query": dense(layer.query_projection)}
     if layer.do_pooling:
         w["value"] = dense(layer.value_proj)
     if layer.position_embedding_shape is not None:
         w["position_embedding"] = arr(layer.position_embedding)
         w["position_key"] = dense(layer.position_key_proj)
-        w["position_query"] = dense(layer._position_query_projection)
+        w["position_query"] = dense(layer.position_query_projection)
     w["head_bias"] = arr(layer.bias) if layer.head_bias else None
     return w
