@@ -178,3 +178,8 @@ def test_porting_rejects_shared_copies_that_differ(rng):
     state["content_query_proj.bias"] = state["content_query_proj.bias"] + 1
     with pytest.raises(ValueError, match="differs from 'content_key_proj.bias'"):
         load_edspdf_state_dict(random_layer(rng, same_key_query_proj=True), state)
+
+
+def test_porting_an_unsupported_layer_names_the_ones_it_takes():
+    with pytest.raises(TypeError, match="RelativeAttention, RelativeTransformerLayer or BoxTransformer"):
+        edspdf_state_dict(keras.layers.Dense(2))
