@@ -55,15 +55,13 @@ def dtype_of(x):
     return keras.backend.standardize_dtype(getattr(x, "dtype", type(x)))
 
 
-def check_shape(name, got, expected, description, broadcast_batch=False,
-                broadcast=()):
+def check_shape(name, got, expected, description, broadcast=()):
     """`expected` holds ints or None (unknown); raise on the first conflict.
 
-    A size of 1 is accepted on axis 0 with `broadcast_batch`, and on each
-    axis listed in `broadcast` (it broadcasts, as in edspdf).
+    A size of 1 is accepted on each axis listed in `broadcast` (it
+    broadcasts, as in edspdf).
     """
     got = tuple(got)
-    broadcast = set(broadcast) | ({0} if broadcast_batch else set())
     ok = len(got) == len(expected)
     if ok:
         for axis, (g, e) in enumerate(zip(got, expected)):

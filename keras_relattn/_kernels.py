@@ -139,8 +139,8 @@ def default_output():
 
 
 def take_columns(table, columns, heads_last=True):
-    """`table[:, columns]` for a 2-D `(heads, n)` table and int32 column
-    numbers known in range.
+    """`table[:, columns]` for a 2-D `(heads, n)` table and integer column
+    numbers (int32, or int64 on torch) known in range.
 
     Returns `(*columns.shape, heads)` with `heads_last`, else
     `(columns.shape[0], heads, *columns.shape[1:])` (for `(batch, queries,
