@@ -37,6 +37,139 @@ def non_negative_int(name, value):
     return value
 
 
+MODES = ("c2c", "c2p", "p2c")
+
+
+def dropout_rate(name, value):
+    """A dropout rate in [0, 1), as a float."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value}")
+    return value
+
+
+def normalize_mode(value):
+    """The attention terms, in the caller's order (it is part of the config),
+    without repeats: edspdf only tests membership."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"`mode` must be a sequence of names among {MODES}. "
+            f"Received: mode={value!r}"
+        ) from None
+    if not value:
+        raise ValueError(f"`mode` must name at least one of {MODES}. Received: mode=()")
+    unknown = [m for m in value if m not in MODES]
+    if unknown:
+        raise ValueError(
+            f"`mode` contains unknown term(s) {unknown}; the known terms are "
+            f"{MODES}. Received: mode={value!r}"
+        )
+    return tuple(dict.fromkeys(value))
+
+
+def table_shape(position_embedding, position_embedding_shape):
+    """`(n_positions, position_size)` of the table an attention layer is
+    given (`n_positions` None: passed at call time), or None."""
+    if position_embedding is not None and position_embedding_shape is not None:
+        raise ValueError(
+            "Pass either `position_embedding` (an array) or "
+            "`position_embedding_shape`, not both."
+        )
+    if position_embedding is not None:
+        shape = tuple(int(d) for d in position_embedding.shape)
+        name = "position_embedding"
+    elif position_embedding_shape is not None:
+        shape = tuple(None if d is None else int(d) for d in position_embedding_shape)
+        name = "position_embedding_shape"
+    else:
+        return None
+    if len(shape) != 2 or shape[1] is None or min(d or 1 for d in shape) < 1:
+        raise ValueError(
+            f"`{name}` must describe a table of shape "
+            f"(n_positions, position_size) with both sizes >= 1 "
+            "(n_positions may be None for a table passed at call time). "
+            f"Received shape {shape}"
+        )
+    return shape
+
+
+def attention_arguments(
+    size, n_heads, query_size, key_size, value_size, head_size, dropout_p,
+    same_key_query_proj, n_coordinates, do_pooling, mode, n_additional_heads,
+    position_embedding, position_embedding_shape,
+):
+    """`RelativeAttention`'s constructor arguments, checked and completed with
+    edspdf's defaults, as a dict of attribute values."""
+    if size is None and not do_pooling:
+        # A logits-only layer needs no output size (as in edspdf), but then
+        # nothing gives the query and key sizes a default.
+        for name, value in (("query_size", query_size), ("key_size", key_size)):
+            if value is None:
+                raise ValueError(
+                    f"`{name}` is required when `size` is None (a logits-only "
+                    "layer, `do_pooling=False`)."
+                )
+    else:
+        size = positive_int("size", size)
+    n_heads = positive_int("n_heads", n_heads)
+    query_size = positive_int("query_size", query_size, size)
+    key_size = positive_int("key_size", key_size, size)
+    value_size = positive_int("value_size", value_size, key_size)
+    n_coordinates = positive_int("n_coordinates", n_coordinates)
+    n_additional_heads = non_negative_int("n_additional_heads", n_additional_heads)
+    if head_size is None:
+        if key_size % n_heads:
+            raise ValueError(
+                f"`key_size` ({key_size}) must be divisible by `n_heads` "
+                f"({n_heads}) when `head_size` is not given."
+            )
+        head_size = key_size // n_heads
+    head_size = positive_int("head_size", head_size)
+    if do_pooling and size % n_heads:
+        raise ValueError(
+            f"`size` ({size}) must be divisible by `n_heads` ({n_heads}) when "
+            "`do_pooling=True`: each head pools `size // n_heads` value features."
+        )
+    dropout_p = dropout_rate("dropout_p", dropout_p)
+    if same_key_query_proj and query_size != key_size:
+        raise ValueError(
+            "`same_key_query_proj=True` needs `query_size == key_size`. "
+            f"Received: query_size={query_size}, key_size={key_size}"
+        )
+    terms = normalize_mode(mode)
+    table = table_shape(position_embedding, position_embedding_shape)
+    if table is None and "c2c" not in terms:
+        raise ValueError(
+            f"`mode={terms}` has no term that can be computed: the position "
+            "terms need a position table (`position_embedding`) and 'c2c' is "
+            "not in `mode`."
+        )
+    if table is not None:
+        if table[1] % n_coordinates:
+            raise ValueError(
+                f"The position table's feature size ({table[1]}, table shape "
+                f"{table}) must be divisible by `n_coordinates` ({n_coordinates})."
+            )
+        if head_size % n_coordinates:
+            raise ValueError(
+                f"`head_size` ({head_size}) must be divisible by `n_coordinates` "
+                f"({n_coordinates}): each head is split in one chunk per coordinate."
+            )
+    return dict(
+        size=size, n_heads=n_heads, query_size=query_size, key_size=key_size,
+        value_size=value_size, head_size=head_size, dropout_p=dropout_p,
+        n_coordinates=n_coordinates, mode=terms,
+        n_additional_heads=n_additional_heads, position_embedding_shape=table,
+    )
+
+
 def shape_of(x):
     """Static shape as a tuple of ints, None for every dimension not known as
     an int (unknown, or symbolic as under `jax.export` or `torch.export`)."""

@@ -25,8 +25,17 @@ eager, head-major gathered straight into `(batch, heads, queries, keys)` (see
 gather) and transposed: W1 4.4 vs 5.5 ms.
 """
 
+import math
+
 import keras
 from keras import ops
+
+try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
+    from keras.src.backend import nn as _backend_nn
+
+    _backend_softmax = _backend_nn.softmax
+except (ImportError, AttributeError):  # pragma: no cover - other Keras layouts
+    _backend_softmax = ops.softmax
 
 # Up to this many heads, "rows" scores come from one plain matmul with a
 # block-diagonal weight (see `_row_scores`); beyond it, the H-fold extra work
@@ -46,6 +55,114 @@ OUTPUTS = ("bqkh", "bhqk")
 # known) sizes take the per-row gather, whose numbers stay below
 # `n_positions`.
 FLAT_INDEX_LIMIT = 2**31
+
+
+def softmax(x, axis=-1):
+    """The backend's fused softmax (torch's is 2x faster than max/exp/sum/
+    divide as separate ops). Not `keras.ops.softmax`: it warns when the axis
+    has length 1 (one key), a legitimate case here, and a Python test of the
+    length would be frozen by tracers (ONNX export, symbolic shapes)."""
+    return _backend_softmax(x, axis=axis)
+
+
+def add_all(terms):
+    """The sum of `terms`, in order."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+class LogitSum:
+    """The terms of the logits, each kept in the layout it was made in, and
+    summed once, in the layout a reader asks for.
+
+    The logits are returned `(batch, queries, keys, heads)` ("bqkh"), as
+    edspdf does; the c2c matmul and the softmax + pooling run `(batch,
+    heads, queries, keys)` ("bhqk"), like `MultiHeadAttention`: a matmul
+    writing or reading the other layout pays a strided copy of the whole
+    tensor (measured on JAX CPU: W2 27 ms all-bqkh, 12 ms this way). The
+    position terms come in whichever layout `default_output()` makes best.
+    """
+
+    def __init__(self):
+        self._terms = {"bqkh": [], "bhqk": []}
+        self._sums = {}
+
+    def add(self, term, layout):
+        if layout not in OUTPUTS:
+            raise ValueError(f"`layout` must be one of {OUTPUTS}, got {layout!r}")
+        self._terms[layout].append(term)
+        self._sums.clear()
+
+    def add_head_bias(self, bias):
+        """Adds a `(heads,)` bias to the first term (one pass less)."""
+        for layout, expand in (("bhqk", lambda b: b[:, None, None]), ("bqkh", lambda b: b)):
+            terms = self._terms[layout]
+            if terms:
+                terms[0] = terms[0] + expand(ops.cast(bias, terms[0].dtype))
+                self._sums.clear()
+                return
+        raise ValueError("`add_head_bias` needs a term to add the bias to.")
+
+    def _bhqk_sum(self):
+        if "bhqk" not in self._sums:
+            terms = self._terms["bhqk"]
+            self._sums["bhqk"] = add_all(terms) if terms else None
+        return self._sums["bhqk"]
+
+    def bqkh(self):
+        """The summed logits, `(batch, queries, keys, heads)`."""
+        if "bqkh" not in self._sums:
+            bhqk = self._bhqk_sum()
+            bhqk = None if bhqk is None else ops.transpose(bhqk, (0, 2, 3, 1))
+            if self._terms["bqkh"]:
+                total = add_all(self._terms["bqkh"])
+                self._sums["bqkh"] = total if bhqk is None else total + bhqk
+            else:
+                self._sums["bqkh"] = bhqk
+        return self._sums["bqkh"]
+
+    def bhqk(self):
+        """The summed logits, `(batch, heads, queries, keys)`: transposed
+        back from `bqkh()` only when some term came as `(b, q, k, h)`."""
+        if self._terms["bqkh"]:
+            return ops.transpose(self.bqkh(), (0, 3, 1, 2))
+        return self._bhqk_sum()
+
+
+def exact_gelu(x):
+    """The exact GELU, `x / 2 * (1 + erf(x / sqrt(2)))`, in a form every
+    export of the backend can carry.
+
+    Keras' TensorFlow GELU uses `Erfc`, an op ONNX lacks (tf2onnx fails):
+    the `erf` form (torch's own formula) has `Erf`. On JAX, `lax.erf`
+    lowers to a StableHLO composite that TensorFlow's SavedModel loader
+    (2.21) cannot read, while Keras' GELU (`erfc`) exports: JAX keeps it.
+    """
+    if keras.backend.backend() == "jax":
+        return keras.activations.gelu(x, approximate=False)
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def layer_norm(x, gamma, beta, epsilon, size):
+    """`keras.ops.layer_normalization` over the last axis, of static `size`.
+
+    On torch, Keras reads that size from the input's shape, which
+    `torch.jit.trace` records as a traced value that the ONNX exporter
+    cannot make constant; here it comes from the layer's configuration. The same kernel
+    (`F.layer_norm`) in at least float32, as Keras computes it.
+    """
+    if keras.backend.backend() != "torch":
+        return ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+    import torch
+
+    dtype = x.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    out = torch.nn.functional.layer_norm(
+        x.to(compute), (size,), gamma.to(compute), beta.to(compute), epsilon
+    )
+    return out.to(dtype)
 
 
 def table_index(relative_positions, n_positions):
@@ -216,9 +333,19 @@ def position_logits(
     """c2p + p2c as `(batch, queries, keys, heads)` or `(batch, heads,
     queries, keys)`: `PositionTerms(...).logits()`, for every query."""
     terms = PositionTerms(
-        q, k, pos_q, pos_k, relative_positions, layout, output, block_diagonal
+        q, k, pos_q, pos_k, relative_positions, layout=layout, output=output,
+        block_diagonal=block_diagonal,
     )
     return terms.logits()
+
+
+def take_rows(x, axis, rows):
+    """`x`'s queries axis (`axis`) sliced to `rows`, unless it has size 1
+    (it broadcasts)."""
+    size = x.shape[axis]
+    if rows == slice(None) or (isinstance(size, int) and size == 1):
+        return x
+    return x[(slice(None),) * axis + (rows,)]
 
 
 class PositionTerms:
@@ -234,6 +361,8 @@ class PositionTerms:
             coordinates)` integer offsets, any dtype; turned into table rows
             (`table_index`) block by block, so that no whole-input index
             exists at once.
+        no_position_mask: optional bool or 0/1 `(batch or 1, queries or 1,
+            keys or 1)`: True zeroes both terms of that pair.
         layout: `"head_major"` or `"rows"` (see the module docstring); by
             default, the one measured fastest on the backend.
         output: `"bqkh"` or `"bhqk"`, the layout of the result; by default
@@ -255,8 +384,9 @@ class PositionTerms:
       nothing can wrap.
     """
 
-    def __init__(self, q, k, pos_q, pos_k, relative_positions, layout=None,
-                 output=None, block_diagonal=None):
+    def __init__(self, q, k, pos_q, pos_k, relative_positions,
+                 no_position_mask=None, layout=None, output=None,
+                 block_diagonal=None):
         table = pos_k if pos_k is not None else pos_q
         self.n_positions = ops.shape(table)[0]
         self.coords, self.heads = table.shape[1], table.shape[2]
@@ -289,6 +419,12 @@ class PositionTerms:
             self.index_dtype = "int32" if fits else "int64"
         else:
             self.gather = "per_row"
+        # 0/1 factor on the terms, (batch or 1, queries or 1, keys or 1).
+        self.keep = None
+        if no_position_mask is not None:
+            if keras.backend.standardize_dtype(no_position_mask.dtype) != "bool":
+                no_position_mask = ops.not_equal(no_position_mask, 0)
+            self.keep = ops.cast(ops.logical_not(no_position_mask), q.dtype)
         chunk = q.shape[-1] // self.coords
         # Per coordinate: (c2p scores or None, p2c scores or None).
         self.scores = [
@@ -318,7 +454,7 @@ class PositionTerms:
         """c2p + p2c for the queries `rows`, in the `output` layout.
 
         `reuse` (torch, no autograd): gather every term after the first into
-        one spare buffer and add it in place.
+        one spare buffer and add it in place; zero the masked pairs in place.
         """
         offsets = self.offsets if rows == slice(None) else self.offsets[:, rows]
         index = table_index(offsets, self.n_positions)
@@ -335,6 +471,10 @@ class PositionTerms:
                     total.add_(spare)
                 else:
                     total = total + self._gather(scores, idx, term, rows)
+        if self.keep is not None:
+            keep = take_rows(self.keep, 1, rows)
+            keep = keep[..., None] if self.heads_last else keep[:, None]
+            total = total.mul_(keep) if reuse else total * keep
         return total
 
     def _gather(self, scores, idx, term, rows, out=None):
@@ -350,11 +490,11 @@ class PositionTerms:
             if term == "c2p":  # rows are queries: (b, q, h, P) -> (b, q, h, k)
                 if rows != slice(None):
                     scores = scores[:, rows]
-                taken = ops.take_along_axis(scores, idx[:, :, None, :], axis=3)
+                taken = ops.take_along_axis(scores, ops.expand_dims(idx, 2), axis=3)
                 return ops.transpose(taken, (0, 1, 3, 2) if self.heads_last else (0, 2, 1, 3))
             # rows are keys: (b, k, h, P) -> (b, k, h, q)
             by_key = ops.transpose(idx, (0, 2, 1))
-            taken = ops.take_along_axis(scores, by_key[:, :, None, :], axis=3)
+            taken = ops.take_along_axis(scores, ops.expand_dims(by_key, 2), axis=3)
             return ops.transpose(taken, (0, 3, 1, 2) if self.heads_last else (0, 2, 3, 1))
         # Flat score numbers: the base number of each (batch, query) or
         # (batch, key), broadcast to the pairs (the index may have a batch
@@ -376,8 +516,8 @@ class PositionTerms:
         return taken if self.heads_last else ops.transpose(taken, (0, 3, 1, 2))
 
 
-def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
-                      values, masked_logit):
+def inference_pooling(c2c_q, c2c_k, positions, rows, extra, attend, values,
+                      masked_logit):
     """One block of the pooled-only path in place (torch inference), or None.
 
     The same arithmetic as the layer's generic block (`keras.ops`), with one
@@ -392,10 +532,8 @@ def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
     Args:
         c2c_q, c2c_k: `(batch, queries|keys, heads, d)` for the c2c matmul
             (head bias folded in), or None without c2c.
-        positions: a `PositionTerms` ("bhqk") or None, and `rows` the
-            queries of this block.
-        keep: `(batch or 1, 1, queries, keys)` 0/1 factor on the position
-            terms, or None.
+        positions: a `PositionTerms` ("bhqk", its `no_position_mask`
+            included) or None, and `rows` the queries of this block.
         extra: terms added to the logits, each broadcastable to `(batch,
             heads, queries, keys)`.
         attend: bool, broadcastable to the logits, or None.
@@ -417,8 +555,6 @@ def inference_pooling(c2c_q, c2c_k, positions, rows, keep, extra, attend,
     logits = None
     if positions is not None:
         logits = positions.logits(rows, reuse=True)
-        if keep is not None:
-            logits.mul_(keep)
     if c2c_q is not None:
         c2c_q, c2c_k = c2c_q.transpose(1, 2), c2c_k.permute(0, 2, 3, 1)
         if logits is None:

@@ -81,6 +81,28 @@ def _grouped_linear(prefix, dense):
     ]
 
 
+def _unused_grouped_linear(prefix, layer):
+    """A position projection edspdf makes whenever it has a table, but that no
+    term of the layer's `mode` reads (say `mode=("c2c",)`): our layer does
+    not create it. Loading checks its shapes and drops it (it changes no
+    output); exporting writes zeros, so that edspdf's strict loading finds it.
+    """
+    coords = layer.n_coordinates
+    n_in = layer.position_embedding_shape[1] // coords
+    n_out = layer.head_size * layer.total_heads // coords
+    return [
+        _unused(f"{prefix}.weight", (coords, n_in, n_out)),
+        _unused(f"{prefix}.bias", (coords, n_out)),
+    ]
+
+
+def _unused(name, shape):
+    return _Entry(
+        name, None, shape, lambda a: a, lambda a: a,
+        value=lambda: np.zeros(shape, "float32"),
+    )
+
+
 def _dense(prefix, dense):
     """A `keras.layers.Dense` as a `torch.nn.Linear`."""
     n_in, n_out = dense.kernel.shape  # (in, out)
@@ -105,14 +127,16 @@ def _attention_entries(layer, prefix=""):
             _identity(layer.position_embedding, prefix + "position_embedding")
         )
     if layer.position_embedding_shape is not None:
-        entries += _grouped_linear(
-            prefix + "position_key_proj", layer.position_key_projection
-        )
-        entries += _grouped_linear(
-            prefix + "position_query_proj", layer.position_query_projection
-        )
-    if layer.head_bias:
-        entries.append(_identity(layer.bias, prefix + "bias"))
+        for name, dense in (
+            ("position_key_proj", layer.position_key_projection),
+            ("position_query_proj", layer.position_query_projection),
+        ):
+            if dense is None:
+                entries += _unused_grouped_linear(prefix + name, layer)
+            else:
+                entries += _grouped_linear(prefix + name, dense)
+    if layer.use_head_bias:
+        entries.append(_identity(layer.head_bias, prefix + "bias"))
     return entries
 
 
@@ -231,6 +255,8 @@ def load_edspdf_state_dict(layer, state_dict):
             problems.append(
                 f"{entry.name!r} has shape {array.shape}, expected {entry.shape}"
             )
+            continue
+        if entry.variable is None:  # a tensor our layer has no use for
             continue
         new = entry.to_keras(array)
         key = id(entry.variable)

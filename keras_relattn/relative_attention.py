@@ -8,96 +8,22 @@ import numpy as np
 from keras import ops
 
 from keras_relattn import _checks, _kernels
-
-try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
-    from keras.src.backend import nn as _backend_nn
-
-    _backend_softmax = _backend_nn.softmax
-except (ImportError, AttributeError):  # pragma: no cover - other Keras layouts
-    _backend_softmax = ops.softmax
-
-MODES = ("c2c", "c2p", "p2c")
+from keras_relattn._checks import MODES
+from keras_relattn._projection import ArrayInitializer, Projection
 
 # edspdf *replaces* masked logits by this value before the softmax (it does
 # not add it).  It is representable in float16 and bfloat16, and the softmax
 # always runs in float32, so it can neither overflow nor produce NaN.
 MASKED_LOGIT = -10000.0
 
-
-def _normalize_mode(mode):
-    if isinstance(mode, str):
-        mode = (mode,)
-    try:
-        mode = tuple(mode)
-    except TypeError:
-        raise TypeError(
-            "`mode` must be a sequence of names among "
-            f"{MODES}. Received: mode={mode!r}"
-        ) from None
-    if not mode:
-        raise ValueError(
-            f"`mode` must name at least one of {MODES}. Received: mode=()"
-        )
-    unknown = [m for m in mode if m not in MODES]
-    if unknown:
-        raise ValueError(
-            f"`mode` contains unknown term(s) {unknown}; the known terms are "
-            f"{MODES}. Received: mode={mode!r}"
-        )
-    # Keep the caller's order (it is part of the config) but drop repeats:
-    # edspdf only tests membership.
-    return tuple(dict.fromkeys(mode))
-
-
-def _table_shape(position_embedding, position_embedding_shape):
-    if position_embedding is not None and position_embedding_shape is not None:
-        raise ValueError(
-            "Pass either `position_embedding` (an array) or "
-            "`position_embedding_shape`, not both."
-        )
-    if position_embedding is not None:
-        shape = tuple(int(d) for d in position_embedding.shape)
-        name = "position_embedding"
-    elif position_embedding_shape is not None:
-        shape = tuple(None if d is None else int(d) for d in position_embedding_shape)
-        name = "position_embedding_shape"
-    else:
-        return None
-    if len(shape) != 2 or shape[1] is None or min(d or 1 for d in shape) < 1:
-        raise ValueError(
-            f"`{name}` must describe a table of shape "
-            f"(n_positions, position_size) with both sizes >= 1 "
-            "(n_positions may be None for a table passed at call time). "
-            f"Received shape {shape}"
-        )
-    return shape
-
-
 # The call arguments besides the three inputs that `_check_call_inputs` checks.
 _CHECKED_CALL_ARGUMENTS = (
     "mask", "relative_positions", "no_position_mask", "base_attn", "position_embedding",
 )
-# `call`'s leading arguments, in order.
+# `call`'s leading arguments, in order: the ones the layer converts itself.
 _CALL_ARGUMENTS = (
     "content_queries", "content_keys", "content_values", *_CHECKED_CALL_ARGUMENTS,
 )
-
-
-
-def _prepare_input(name, value):
-    """A call input as Keras should convert it (see `__call__`)."""
-    if isinstance(value, (list, tuple)):
-        value = np.asarray(value)
-        if value.dtype == np.float64:
-            value = value.astype("float32")
-    if (
-        name == "relative_positions"
-        and isinstance(value, np.ndarray)
-        and value.dtype.kind in "iu"
-        and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
-    ):
-        value = np.clip(value, -_kernels.OFFSET_BOUND, _kernels.OFFSET_BOUND).astype("int32")
-    return value
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -266,87 +192,28 @@ class RelativeAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if size is None and not do_pooling:
-            # A logits-only layer needs no output size (as in edspdf), but
-            # then nothing gives the query and key sizes a default.
-            for name, value in (("query_size", query_size), ("key_size", key_size)):
-                if value is None:
-                    raise ValueError(
-                        f"`{name}` is required when `size` is None (a "
-                        "logits-only layer, `do_pooling=False`)."
-                    )
-        else:
-            size = _checks.positive_int("size", size)
-        n_heads = _checks.positive_int("n_heads", n_heads)
-        query_size = _checks.positive_int("query_size", query_size, size)
-        key_size = _checks.positive_int("key_size", key_size, size)
-        value_size = _checks.positive_int("value_size", value_size, key_size)
-        n_coordinates = _checks.positive_int("n_coordinates", n_coordinates)
-        n_additional_heads = _checks.non_negative_int(
-            "n_additional_heads", n_additional_heads
+        checked = _checks.attention_arguments(
+            size, n_heads, query_size, key_size, value_size, head_size, dropout_p,
+            same_key_query_proj, n_coordinates, do_pooling, mode, n_additional_heads,
+            position_embedding, position_embedding_shape,
         )
-        if head_size is None:
-            if key_size % n_heads:
-                raise ValueError(
-                    f"`key_size` ({key_size}) must be divisible by `n_heads` "
-                    f"({n_heads}) when `head_size` is not given."
-                )
-            head_size = key_size // n_heads
-        head_size = _checks.positive_int("head_size", head_size)
-        if do_pooling and size % n_heads:
-            raise ValueError(
-                f"`size` ({size}) must be divisible by `n_heads` ({n_heads}) "
-                "when `do_pooling=True`: each head pools `size // n_heads` "
-                "value features."
-            )
-        if not 0.0 <= float(dropout_p) < 1.0:
-            raise ValueError(
-                f"`dropout_p` must be in [0, 1). Received: dropout_p={dropout_p}"
-            )
-        if same_key_query_proj and query_size != key_size:
-            raise ValueError(
-                "`same_key_query_proj=True` needs `query_size == key_size`. "
-                f"Received: query_size={query_size}, key_size={key_size}"
-            )
-        mode = _normalize_mode(mode)
-        table_shape = _table_shape(position_embedding, position_embedding_shape)
-        if table_shape is None and "c2c" not in mode:
-            raise ValueError(
-                f"`mode={mode}` has no term that can be computed: the position "
-                "terms need a position table (`position_embedding`) and "
-                "'c2c' is not in `mode`."
-            )
-        if table_shape is not None:
-            if table_shape[1] % n_coordinates:
-                raise ValueError(
-                    f"The position table's feature size ({table_shape[1]}, "
-                    f"table shape {table_shape}) must be divisible by "
-                    f"`n_coordinates` ({n_coordinates})."
-                )
-            if head_size % n_coordinates:
-                raise ValueError(
-                    f"`head_size` ({head_size}) must be divisible by "
-                    f"`n_coordinates` ({n_coordinates}): each head is split "
-                    "in one chunk per coordinate."
-                )
-
-        self.size = size
-        self.n_heads = n_heads
-        self.query_size = query_size
-        self.key_size = key_size
-        self.value_size = value_size
-        self.head_size = head_size
-        self.dropout_p = float(dropout_p)
+        self.size = checked["size"]
+        self.n_heads = checked["n_heads"]
+        self.query_size = checked["query_size"]
+        self.key_size = checked["key_size"]
+        self.value_size = checked["value_size"]
+        self.head_size = checked["head_size"]
+        self.dropout_p = checked["dropout_p"]
+        self.n_coordinates = checked["n_coordinates"]
+        self.mode = checked["mode"]
+        self.n_additional_heads = checked["n_additional_heads"]
+        self.position_embedding_shape = checked["position_embedding_shape"]
         self.same_key_query_proj = bool(same_key_query_proj)
         self.same_positional_key_query_proj = bool(same_positional_key_query_proj)
-        self.n_coordinates = n_coordinates
-        self.head_bias = bool(head_bias)
+        self.use_head_bias = bool(head_bias)
         self.do_pooling = bool(do_pooling)
-        self.mode = mode
-        self.n_additional_heads = n_additional_heads
-        self.total_heads = n_heads + n_additional_heads
-        self.value_head_size = None if size is None else size // n_heads
-        self.position_embedding_shape = table_shape
+        self.total_heads = self.n_heads + self.n_additional_heads
+        self.value_head_size = None if self.size is None else self.size // self.n_heads
         self.position_embedding_trainable = bool(position_embedding_trainable)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -355,14 +222,26 @@ class RelativeAttention(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
-        self._initial_table = position_embedding
         self.supports_masking = True
+        # `call` converts its inputs itself (`_convert_input`): 64-bit offsets
+        # must be clamped before a backend without int64 (JAX) narrows them.
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
 
-        self.dropout = (
+        self._initial_table = position_embedding
+        self._dropout_layer = (
             keras.layers.Dropout(self.dropout_p, seed=seed, dtype=self.dtype_policy)
             if self.dropout_p > 0
             else None
         )
+        # Made by `build`; None where the configuration has no use for one.
+        self._query_projection = None
+        self._key_projection = None
+        self._value_projection = None
+        self._position_query_projection = None
+        self._position_key_projection = None
+        self.position_embedding = None
+        self.head_bias = None
 
     # ------------------------------------------------------------------ build
     def _sublayer_kwargs(self):
@@ -381,28 +260,28 @@ class RelativeAttention(keras.layers.Layer):
         )
 
     def _content_projection(self, name, input_size, heads, head_size):
-        proj = _Projection(
+        projection = Projection(
             "bsi,ihd->bshd",
             output_shape=(None, heads, head_size),
             bias_axes="hd",
             name=name,
             **self._sublayer_kwargs(),
         )
-        proj.build((None, None, input_size))
-        return proj
+        projection.build((None, None, input_size))
+        return projection
 
     def _position_projection(self, name):
-        pos_size = self.position_embedding_shape[1]
+        position_size = self.position_embedding_shape[1]
         coords = self.n_coordinates
-        proj = _Projection(
+        projection = Projection(
             "pxi,xihd->pxhd",
             output_shape=(coords, self.total_heads, self.head_size // coords),
             bias_axes="xhd",
             name=name,
             **self._sublayer_kwargs(),
         )
-        proj.build((None, coords, pos_size // coords))
-        return proj
+        projection.build((None, coords, position_size // coords))
+        return projection
 
     def build(
         self,
@@ -417,15 +296,15 @@ class RelativeAttention(keras.layers.Layer):
         # Every size is known from the constructor, so `build` creates all the
         # state at once: `.keras` loading and weight porting never meet a
         # half-built layer.
-        self.key_proj = self._content_projection(
+        self._key_projection = self._content_projection(
             "key", self.key_size, self.total_heads, self.head_size
         )
         if not self.same_key_query_proj:
-            self.query_proj = self._content_projection(
+            self._query_projection = self._content_projection(
                 "query", self.query_size, self.total_heads, self.head_size
             )
         if self.do_pooling:
-            self.value_proj = self._content_projection(
+            self._value_projection = self._content_projection(
                 "value", self.value_size, self.n_heads, self.value_head_size
             )
         if self.owns_table:
@@ -436,19 +315,24 @@ class RelativeAttention(keras.layers.Layer):
                 initializer=(
                     "zeros"
                     if initial is None
-                    else _ArrayInitializer(keras.ops.convert_to_numpy(initial))
+                    else ArrayInitializer(keras.ops.convert_to_numpy(initial))
                 ),
                 trainable=self.position_embedding_trainable,
             )
             self._initial_table = None
+        # A position projection exists only where a term of `mode` reads it:
+        # c2p the keys' one, p2c the queries' one (the keys' one when
+        # shared). One that nothing reads would get no gradient; an edspdf
+        # state dict that carries it still loads (see `porting`).
         if self.position_embedding_shape is not None:
-            self.position_key_proj = self._position_projection("position_key")
-            if not (self.same_key_query_proj or self.same_positional_key_query_proj):
-                self.position_query_proj = self._position_projection(
+            if "c2p" in self.mode or ("p2c" in self.mode and self._shares_position_projection):
+                self._position_key_projection = self._position_projection("position_key")
+            if "p2c" in self.mode and not self._shares_position_projection:
+                self._position_query_projection = self._position_projection(
                     "position_query"
                 )
-        if self.head_bias:
-            self.bias = self.add_weight(
+        if self.use_head_bias:
+            self.head_bias = self.add_weight(
                 name="head_bias",
                 shape=(self.total_heads,),
                 initializer="zeros",
@@ -458,33 +342,73 @@ class RelativeAttention(keras.layers.Layer):
         self.built = True
 
     @property
+    def _has_position_terms(self):
+        return "c2p" in self.mode or "p2c" in self.mode
+
+    @property
+    def _shares_position_projection(self):
+        return self.same_key_query_proj or self.same_positional_key_query_proj
+
+    @property
     def owns_table(self):
         """Whether the table is a weight of this layer (else passed at call)."""
         shape = self.position_embedding_shape
         return shape is not None and shape[0] is not None
 
+    # ------------------------------------------------------------ sublayers
+    @property
+    def query_projection(self):
+        """The queries' `EinsumDense` (the keys' one with `same_key_query_proj`)."""
+        if self.same_key_query_proj:
+            return self._key_projection
+        return self._query_projection
+
+    @property
+    def key_projection(self):
+        """The keys' `EinsumDense`, kernel `(key_size, heads, head_size)`."""
+        return self._key_projection
+
+    @property
+    def value_projection(self):
+        """The values' `EinsumDense`, or None with `do_pooling=False`."""
+        return self._value_projection
+
+    @property
+    def position_key_projection(self):
+        """The table's projection for c2p, or None when no term reads it
+        (no table, or neither c2p nor a shared p2c)."""
+        return self._position_key_projection
+
+    @property
+    def position_query_projection(self):
+        """The table's projection for p2c (the keys' one when shared), or
+        None when there is no table or no p2c."""
+        if "p2c" not in self.mode:
+            return None
+        if self._shares_position_projection:
+            return self._position_key_projection
+        return self._position_query_projection
+
     def projections(self):
         """The `EinsumDense` projections of this layer, each once."""
         if not self.built:
             self.build()
-        found = [self.key_proj, self.query_projection]
-        if self.do_pooling:
-            found.append(self.value_proj)
-        if self.position_embedding_shape is not None:
-            found += [self.position_key_proj, self.position_query_projection]
-        unique = []
-        for proj in found:
-            if all(proj is not seen for seen in unique):
-                unique.append(proj)
-        return unique
+        found = []
+        for projection in (
+            self.key_projection, self.query_projection, self.value_projection,
+            self.position_key_projection, self.position_query_projection,
+        ):
+            if projection is not None and all(projection is not p for p in found):
+                found.append(projection)
+        return found
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantizes every projection (as `Model.quantize` does).
 
         For inference: the head bias and the table stay float.
         """
-        for proj in self.projections():
-            proj.quantize(mode, type_check=type_check, config=config)
+        for projection in self.projections():
+            projection.quantize(mode, type_check=type_check, config=config)
 
     def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform",
                     b_initializer="zeros"):
@@ -493,42 +417,11 @@ class RelativeAttention(keras.layers.Layer):
         The base kernels are frozen; only the adapters (and the biases and
         the head bias) stay trainable, as with `keras.layers.EinsumDense`.
         """
-        for proj in self.projections():
-            proj.enable_lora(
+        for projection in self.projections():
+            projection.enable_lora(
                 rank, lora_alpha=lora_alpha, a_initializer=a_initializer,
                 b_initializer=b_initializer,
             )
-
-    @property
-    def query_projection(self):
-        """The queries' `EinsumDense` (the keys' one with `same_key_query_proj`)."""
-        return self.key_proj if self.same_key_query_proj else self.query_proj
-
-    @property
-    def key_projection(self):
-        """The keys' `EinsumDense`, kernel `(key_size, heads, head_size)`."""
-        return self.key_proj
-
-    @property
-    def value_projection(self):
-        """The values' `EinsumDense`, or None with `do_pooling=False`."""
-        return self.value_proj if self.do_pooling else None
-
-    @property
-    def position_key_projection(self):
-        """The table's projection for c2p, or None without a table."""
-        if self.position_embedding_shape is None:
-            return None
-        return self.position_key_proj
-
-    @property
-    def position_query_projection(self):
-        """The table's projection for p2c (the key one when shared), or None."""
-        if self.position_embedding_shape is None:
-            return None
-        if self.same_key_query_proj or self.same_positional_key_query_proj:
-            return self.position_key_proj
-        return self.position_query_proj
 
     # ---------------------------------------------------------- validation
     def _check_feature_shapes(self, q_shape, k_shape, v_shape):
@@ -632,24 +525,6 @@ class RelativeAttention(keras.layers.Layer):
             )
 
     # ------------------------------------------------------------- call
-    def __call__(self, *args, **kwargs):
-        # Before Keras converts the inputs: Python lists become arrays, and
-        # 64-bit integer offsets are clamped while still 64-bit (JAX without
-        # x64 would wrap them to int32 on conversion). The position argument
-        # is found whether it is passed by keyword or by position.
-        args = list(args)
-        for position, name in enumerate(_CALL_ARGUMENTS):
-            if position < len(args):
-                args[position] = _prepare_input(name, args[position])
-            elif name in kwargs:
-                kwargs[name] = _prepare_input(name, kwargs[name])
-        return super().__call__(*args, **kwargs)
-
-    def _drop(self, x, training):
-        if self.dropout is None:
-            return x
-        return self.dropout(x, training=training)
-
     def call(
         self,
         content_queries,
@@ -666,109 +541,137 @@ class RelativeAttention(keras.layers.Layer):
         content_keys_mask=None,
         content_values_mask=None,
     ):
-        self._check_call_inputs(
-            content_queries, content_keys, content_values, mask,
-            relative_positions, no_position_mask, base_attn, position_embedding,
-            return_logits=return_logits,
+        queries, keys, values, mask, relative_positions, no_position_mask, base_attn, table = (
+            self._convert_input(name, value) for name, value in zip(_CALL_ARGUMENTS, (
+                content_queries, content_keys, content_values, mask, relative_positions,
+                no_position_mask, base_attn, position_embedding,
+            ))
         )
-        compute_dtype = self.compute_dtype
-        self_attention = content_keys is None
-        keys_in = content_queries if self_attention else content_keys
+        self._check_call_inputs(
+            queries, keys, values, mask, relative_positions, no_position_mask, base_attn,
+            table, return_logits=return_logits,
+        )
+        key_mask = content_queries_mask if keys is None else content_keys_mask
+        keys = queries if keys is None else keys
+        if self._statically_empty(queries, keys):
+            return self._empty_outputs(queries, keys, values, return_logits)
+        attend = self._combine_masks(mask, key_mask, content_values_mask)
+        use_positions = relative_positions is not None and self._has_position_terms
+        scale = self._logit_scale(use_positions)
+
+        q, k = self._content_heads(queries, keys, scale, training)
+        tables = self._position_tables(table, scale, training) if use_positions else None
+        if not return_logits:
+            return self._pooled_only(
+                q, k, values, tables, relative_positions, no_position_mask, base_attn,
+                attend, training,
+            )
+        logits = self._logits(q, k, tables, relative_positions, no_position_mask, base_attn)
+        if values is None:
+            return logits.bqkh()
+        pooled = self._pool(
+            logits.bhqk()[:, self.n_additional_heads:], values, attend, training
+        )
+        return pooled, logits.bqkh()
+
+    # ------------------------------------------------------------ call steps
+    def _convert_input(self, name, value):
+        """A call input as a tensor, as Keras converts layer inputs, except
+        that Python lists become arrays and 64-bit integer offsets are
+        clamped while still 64-bit (JAX without x64 wraps them to int32 on
+        conversion; any offset beyond the bound lies beyond any table)."""
+        if value is None or isinstance(value, keras.KerasTensor):
+            return value
+        if isinstance(value, (list, tuple)):
+            value = np.asarray(value)
+            if value.dtype == np.float64:
+                value = value.astype("float32")
+        if (
+            name == "relative_positions"
+            and isinstance(value, np.ndarray)
+            and value.dtype.kind in "iu"
+            and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
+        ):
+            bound = _kernels.OFFSET_BOUND
+            value = np.clip(value, -bound, bound).astype("int32")
+        return self.dtype_policy.convert_input(value, self.autocast, self.input_dtype)
+
+    @staticmethod
+    def _statically_empty(queries, keys):
         # Statically empty inputs only: a dynamic length is no Python test
         # (tracers would freeze it), and the ops below handle zero sizes too.
-        if 0 in _checks.shape_of(content_queries)[:2] + _checks.shape_of(keys_in)[:2]:
-            outputs = self._empty_outputs(content_queries, keys_in, content_values)
-            return outputs if return_logits else outputs[0]
-        key_mask = content_queries_mask if self_attention else content_keys_mask
+        return 0 in _checks.shape_of(queries)[:2] + _checks.shape_of(keys)[:2]
 
-        # (batch, length, heads, head_size)
-        q = self.query_projection(self._drop(content_queries, training))
-        k = self.key_proj(self._drop(keys_in, training))
+    def _logit_scale(self, use_positions):
+        """Every term is divided by sqrt(head_size) and their sum by
+        sqrt(number of terms): one scale, applied to the (small) projected
+        queries and position queries."""
+        n_terms = len([m for m in self.mode if m == "c2c" or use_positions])
+        return 1.0 / (math.sqrt(self.head_size) * math.sqrt(n_terms))
 
-        use_positions = relative_positions is not None and any(
-            m in self.mode for m in ("c2p", "p2c")
-        )
-        terms = [m for m in self.mode if m == "c2c" or use_positions]
-        # Every term is divided by sqrt(head_size) and their sum by
-        # sqrt(number of terms): fold both into one scale applied to the
-        # (small) projected queries and position queries.
-        scale = 1.0 / (math.sqrt(self.head_size) * math.sqrt(len(terms)))
-        q = q * ops.cast(scale, q.dtype)
+    def _content_heads(self, queries, keys, scale, training):
+        """`(q, k)`, each `(batch, length, heads, head_size)`; `q` scaled."""
+        q = self.query_projection(self._dropout(queries, training))
+        k = self.key_projection(self._dropout(keys, training))
+        return q * ops.cast(scale, q.dtype), k
 
-        pos_tables = None
-        if use_positions:
-            table = (
-                self.position_embedding
-                if position_embedding is None
-                else position_embedding
+    def _position_tables(self, table, scale, training):
+        """The projected tables `(pos_q, pos_k)`: each `(n_positions,
+        coordinates, heads, chunk)`, or None when its term is off; `pos_q`
+        scaled."""
+        table = self.position_embedding if table is None else table
+        table = ops.cast(table, self.compute_dtype)
+        coords = self.n_coordinates
+        chunks = (-1, coords, self.position_embedding_shape[1] // coords)
+
+        def project(projection):
+            return projection(ops.reshape(self._dropout(table, training), chunks))
+
+        pos_q = pos_k = None
+        if "c2p" in self.mode:
+            pos_k = project(self.position_key_projection)
+        if "p2c" in self.mode:
+            pos_q = project(self.position_query_projection)
+            pos_q = pos_q * ops.cast(scale, pos_q.dtype)
+        return pos_q, pos_k
+
+    def _logits(self, q, k, tables, relative_positions, no_position_mask, base_attn):
+        """Every head's logits: c2c + c2p + p2c (scaled), base, head bias."""
+        logits = _kernels.LogitSum()
+        if "c2c" in self.mode:
+            logits.add(ops.einsum("bqhd,bkhd->bhqk", q, k), "bhqk")
+        if tables is not None:
+            position_terms = _kernels.PositionTerms(
+                q, k, *tables, relative_positions, no_position_mask
             )
-            pos_tables = self._position_tables(table, scale, training)
-        if not return_logits:
-            attend = self._combine_masks(mask, key_mask, content_values_mask)
-            return self._pooled_only(
-                q, k, content_values, pos_tables, relative_positions, no_position_mask,
-                base_attn, attend, training,
-            )
-
-        # Layouts. The logits are returned (batch, queries, keys, heads), as
-        # edspdf does. The c2c matmul and the softmax + pooling run (batch,
-        # heads, queries, keys), like MultiHeadAttention: a matmul writing or
-        # reading the other layout pays a strided copy of the whole tensor
-        # (measured on JAX CPU: W2 27 ms all-bqkh, 12 ms this way). The
-        # position terms come in whichever layout the backend makes best
-        # (see `_kernels.default_output`).
-        bqkh, bhqk = [], []  # terms to sum, by layout
-        if "c2c" in terms:
-            bhqk.append(ops.einsum("bqhd,bkhd->bhqk", q, k))
-        if use_positions:
-            output = _kernels.default_output()
-            positions = _kernels.position_logits(
-                q, k, *pos_tables, relative_positions, output=output
-            )
-            if no_position_mask is not None:
-                keep = ops.logical_not(_checks.as_bool(no_position_mask))
-                keep = keep[..., None] if output == "bqkh" else keep[:, None]
-                positions = positions * ops.cast(keep, positions.dtype)
-            (bqkh if output == "bqkh" else bhqk).append(positions)
+            logits.add(position_terms.logits(), position_terms.output)
         if base_attn is not None:
-            bqkh.append(ops.cast(base_attn, compute_dtype))
-        if self.head_bias:
-            if bhqk:
-                bhqk[0] = bhqk[0] + ops.cast(self.bias, compute_dtype)[:, None, None]
-            else:
-                bqkh[0] = bqkh[0] + ops.cast(self.bias, compute_dtype)
-        bhqk_sum = _sum(bhqk) if bhqk else None
-        if bqkh:
-            logits = _sum(bqkh)
-            if bhqk_sum is not None:
-                logits = logits + ops.transpose(bhqk_sum, (0, 2, 3, 1))
-        else:
-            logits = ops.transpose(bhqk_sum, (0, 2, 3, 1))
+            logits.add(ops.cast(base_attn, self.compute_dtype), "bqkh")
+        if self.use_head_bias:
+            logits.add_head_bias(self.head_bias)
+        return logits
 
-        if content_values is None:
-            return logits
-        # The pooling reads (batch, heads, queries, keys); only transpose
-        # the summed logits back when some term came as (b, q, k, h).
-        pool_source = ops.transpose(logits, (0, 3, 1, 2)) if bqkh else bhqk_sum
+    def _pool(self, logits, values, attend, training):
+        """Masked float32 softmax of `(batch, pooling heads, queries, keys)`
+        logits, averaging the projected values: `(batch, queries, heads,
+        value_head_size)`, heads concatenated to `(batch, queries, size)`."""
+        values = self.value_projection(self._dropout(values, training))
+        return self._merge_heads(self._attend(logits, values, attend, training))
 
-        values = self.value_proj(self._drop(content_values, training))
-        attend = self._combine_masks(
-            mask, key_mask, content_values_mask
-        )  # broadcastable to (batch, pooling heads, queries, keys), or None
-        pool_logits = ops.cast(pool_source[:, self.n_additional_heads :], "float32")
+    def _attend(self, logits, values, attend, training):
+        logits = ops.cast(logits, "float32")
         if attend is not None:
-            pool_logits = ops.where(attend, pool_logits, MASKED_LOGIT)
-        weights = _softmax(pool_logits, axis=-1)
-        weights = self._drop(ops.cast(weights, compute_dtype), training)
-        pooled = ops.einsum("bhqk,bkhd->bqhd", weights, values)
-        pooled = ops.reshape(
-            pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size)
-        )
-        return pooled, logits
+            logits = ops.where(attend, logits, MASKED_LOGIT)
+        weights = _kernels.softmax(logits, axis=-1)
+        weights = self._dropout(ops.cast(weights, self.compute_dtype), training)
+        return ops.einsum("bhqk,bkhd->bqhd", weights, values)
+
+    def _merge_heads(self, pooled):
+        return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))
 
     def _pooled_only(
-        self, q, k, content_values, pos_tables, relative_positions, no_position_mask,
-        base_attn, attend, training,
+        self, q, k, values, tables, relative_positions, no_position_mask, base_attn,
+        attend, training,
     ):
         """The pooled output alone (`return_logits=False`).
 
@@ -779,81 +682,62 @@ class RelativeAttention(keras.layers.Layer):
         (see `_query_blocks`). Each block follows the full path's rules
         exactly (mask *replaces* logits by -10000, float32 softmax, dropout).
         """
-        dtype = self.compute_dtype
         first = self.n_additional_heads
         q, k = q[:, :, first:], k[:, :, first:]
-        pos_q, pos_k = (
-            None if t is None else t[:, :, first:] for t in pos_tables or (None, None)
-        )
-        values = self.value_proj(self._drop(content_values, training))
-        keep = None
-        if no_position_mask is not None:
-            keep = ops.cast(ops.logical_not(_checks.as_bool(no_position_mask)), dtype)[:, None]
-        base = None
+        values = self.value_projection(self._dropout(values, training))
+        extra = []  # terms broadcastable to (batch, heads, queries, keys)
         if base_attn is not None:
-            base = ops.cast(base_attn, dtype)
+            base = ops.cast(base_attn, self.compute_dtype)
             if _checks.shape_of(base)[-1] != 1:
                 base = base[..., first:]
-            base = ops.transpose(base, (0, 3, 1, 2))
-        bias = None
+            extra.append(ops.transpose(base, (0, 3, 1, 2)))
         c2c_q, c2c_k = q, k
-        if self.head_bias:
-            bias = ops.cast(self.bias[first:], dtype)
+        if self.use_head_bias:
+            bias = ops.cast(self.head_bias[first:], self.compute_dtype)
             if "c2c" in self.mode:
                 # Inside the c2c matmul (q . k + bias . 1): one pass less
                 # over the (b, h, q, k) logits.
                 c2c_q = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]], -1)
                 c2c_k = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
-                bias = None
             else:
-                bias = bias[:, None, None]
-
-        positions = None
-        if pos_tables is not None:  # the table scores, once for every block
-            positions = _kernels.PositionTerms(
-                q, k, pos_q, pos_k, relative_positions, output="bhqk"
+                extra.append(bias[:, None, None])
+        if "c2c" not in self.mode:
+            c2c_q = c2c_k = None
+        position_terms = None
+        if tables is not None:  # the table scores, once for every block
+            pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
+            position_terms = _kernels.PositionTerms(
+                q, k, pos_q, pos_k, relative_positions, no_position_mask, output="bhqk"
             )
-        pooled_blocks = []
+        pooled = []
         for rows in _query_blocks(q, k, self.n_heads):
-            take = functools.partial(_take_rows, rows=rows)
-            if self.dropout is None or not training:
-                pooled = _kernels.inference_pooling(
-                    c2c_q[:, rows] if "c2c" in self.mode else None,
-                    c2c_k if "c2c" in self.mode else None,
-                    positions, rows,
-                    None if keep is None else take(keep, 2),
-                    [t for t in (None if base is None else take(base, 2), bias) if t is not None],
-                    None if attend is None else take(attend, 2),
+            block = functools.partial(_kernels.take_rows, axis=2, rows=rows)
+            block_extra = [block(term) for term in extra]
+            block_attend = None if attend is None else block(attend)
+            c2c_rows = None if c2c_q is None else c2c_q[:, rows]
+            done = None
+            if self._dropout_layer is None or not training:
+                done = _kernels.inference_pooling(
+                    c2c_rows, c2c_k, position_terms, rows, block_extra, block_attend,
                     values, MASKED_LOGIT,
                 )
-                if pooled is not None:
-                    pooled_blocks.append(pooled)
-                    continue
-            terms = []
-            if "c2c" in self.mode:
-                terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_q[:, rows], c2c_k))
-            if positions is not None:
-                position_logits = positions.logits(rows)
-                if keep is not None:
-                    position_logits = position_logits * take(keep, 2)
-                terms.append(position_logits)
-            if base is not None:
-                terms.append(take(base, 2))
-            if bias is not None:
-                terms.append(bias)
-            logits = ops.cast(_sum(terms), "float32")
-            if attend is not None:
-                logits = ops.where(take(attend, 2), logits, MASKED_LOGIT)
-            weights = self._drop(ops.cast(_softmax(logits, axis=-1), dtype), training)
-            pooled_blocks.append(ops.einsum("bhqk,bkhd->bqhd", weights, values))
-        pooled = (
-            pooled_blocks[0]
-            if len(pooled_blocks) == 1
-            else ops.concatenate(pooled_blocks, axis=1)
-        )
-        return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))
+            if done is None:
+                terms = []
+                if c2c_rows is not None:
+                    terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_rows, c2c_k))
+                if position_terms is not None:
+                    terms.append(position_terms.logits(rows))
+                logits = _kernels.add_all(terms + block_extra)
+                done = self._attend(logits, values, block_attend, training)
+            pooled.append(done)
+        return self._merge_heads(pooled[0] if len(pooled) == 1 else ops.concatenate(pooled, 1))
 
-    def _empty_outputs(self, queries, keys, values):
+    def _dropout(self, x, training):
+        if self._dropout_layer is None:
+            return x
+        return self._dropout_layer(x, training=training)
+
+    def _empty_outputs(self, queries, keys, values, return_logits):
         """No batch, query or key: outputs of the right (empty) shapes.
 
         With queries but no keys there is nothing to attend to, and the pooled
@@ -866,26 +750,8 @@ class RelativeAttention(keras.layers.Layer):
         )
         if values is None:
             return logits
-        return ops.zeros((batch, n_queries, self.size), self.compute_dtype), logits
-
-    def _position_tables(self, table, scale, training):
-        """The projected tables `(pos_q, pos_k)`: each `(P, coordinates,
-        heads, chunk)`, or None when its term is off; `pos_q` scaled."""
-        table = ops.cast(table, self.compute_dtype)
-        pos_size = self.position_embedding_shape[1]
-        coords = self.n_coordinates
-
-        def project(proj):
-            t = self._drop(table, training)
-            return proj(ops.reshape(t, (-1, coords, pos_size // coords)))
-
-        pos_k = pos_q = None
-        if "c2p" in self.mode:
-            pos_k = project(self.position_key_proj)
-        if "p2c" in self.mode:
-            pos_q = project(self.position_query_projection)
-            pos_q = pos_q * ops.cast(scale, pos_q.dtype)
-        return pos_q, pos_k
+        pooled = ops.zeros((batch, n_queries, self.size), self.compute_dtype)
+        return (pooled, logits) if return_logits else pooled
 
     def _combine_masks(self, mask, key_mask, values_mask):
         """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
@@ -979,7 +845,7 @@ class RelativeAttention(keras.layers.Layer):
                     self.same_positional_key_query_proj
                 ),
                 "n_coordinates": self.n_coordinates,
-                "head_bias": self.head_bias,
+                "head_bias": self.use_head_bias,
                 "do_pooling": self.do_pooling,
                 "mode": list(self.mode),
                 "n_additional_heads": self.n_additional_heads,
@@ -1007,46 +873,6 @@ class RelativeAttention(keras.layers.Layer):
         return config
 
 
-class _Projection(keras.layers.EinsumDense):
-    """`EinsumDense` whose float bias add cannot be misrouted.
-
-    Keras' TensorFlow `ops.add` turns `x + bias` into `tf.nn.bias_add` when the
-    bias squeezes to a vector, and picks the axis by size: with `head_size=1`
-    a `(heads, 1)` bias is added along the *length* axis whenever the length
-    equals the number of heads (a silent wrong answer, seen with Keras 3.15).
-    `x - (-bias)` takes the plain broadcasting path on every backend.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.supports_masking = True  # the parent layer handles masks
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        # EinsumDense refuses subclasses by default; this one only changes
-        # the float bias add, so its quantized paths are EinsumDense's own.
-        super().quantize(mode, type_check=False, config=config)
-
-    def call(self, inputs, training=None):
-        return self._add_bias(ops.einsum(self.equation, inputs, self.kernel))
-
-    def quantized_call(self, *args, **kwargs):
-        # EinsumDense's quantized paths add the bias with `ops.add` too: run
-        # them without it (set around the layer's attribute tracking, which
-        # must not see the swap), then add it the safe way.
-        bias = self.bias
-        object.__setattr__(self, "bias", None)
-        try:
-            x = super().quantized_call(*args, **kwargs)
-        finally:
-            object.__setattr__(self, "bias", bias)
-        return self._add_bias(x)
-
-    def _add_bias(self, x):
-        if self.bias is None:
-            return x
-        return ops.subtract(x, ops.negative(ops.cast(self.bias, x.dtype)))
-
-
 def _query_blocks(q, k, n_heads):
     """Slices of the queries to pool one after the other.
 
@@ -1064,40 +890,3 @@ def _query_blocks(q, k, n_heads):
     if rows >= n_queries:
         return [slice(None)]
     return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
-
-
-def _take_rows(x, axis, rows):
-    """`x`'s queries axis sliced to `rows`, unless it is 1 (broadcast)."""
-    if rows == slice(None) or _checks.shape_of(x)[axis] == 1:
-        return x
-    return x[(slice(None),) * axis + (rows,)]
-
-
-def _sum(terms):
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
-
-
-def _softmax(x, axis):
-    # The backends' fused softmax (torch's is 2x faster than max/exp/sum/divide
-    # as separate ops). Not `keras.ops.softmax`: it warns when the axis has
-    # length 1 (one key), a legitimate case here, and a Python test of the
-    # length would be frozen by tracers (ONNX export, symbolic shapes).
-    return _backend_softmax(x, axis=axis)
-
-
-class _ArrayInitializer(keras.initializers.Initializer):
-    """Fills a weight with a given array (never serialized: see get_config)."""
-
-    def __init__(self, value):
-        self.value = np.asarray(value)
-
-    def __call__(self, shape, dtype=None):
-        if tuple(shape) != self.value.shape:
-            raise ValueError(
-                f"`position_embedding` has shape {self.value.shape}, expected "
-                f"{tuple(shape)}"
-            )
-        return ops.convert_to_tensor(self.value, dtype=dtype)

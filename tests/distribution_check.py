@@ -86,9 +86,9 @@ def main():
     with model_parallel.scope():
         model = build()
         attention = model.get_layer("attention")
-        spec = attention.key_proj.kernel.value.sharding.spec
+        spec = attention.key_projection.kernel.value.sharding.spec
         assert spec == PartitionSpec(None, "model", None), spec
-        spec = attention.position_key_proj.kernel.value.sharding.spec
+        spec = attention.position_key_projection.kernel.value.sharding.spec
         assert spec == PartitionSpec(None, None, "model", None), spec
         compare("ModelParallel (2 x 4 mesh, heads sharded)",
                 run(model, weights, data, target), reference)

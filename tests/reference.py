@@ -33,8 +33,12 @@ def reference_attention(
         table = w["position_embedding"].astype(np.float64)
         n_pos = table.shape[0]
         t = table.reshape(n_pos, n_coords, -1)
-        pos_k = np.einsum("pxi,xihd->pxhd", t, w["position_key"][0]) + w["position_key"][1]
-        pos_q = np.einsum("pxi,xihd->pxhd", t, w["position_query"][0]) + w["position_query"][1]
+        def project(role):  # a projection no term reads is absent
+            if role not in w:
+                return None
+            return np.einsum("pxi,xihd->pxhd", t, w[role][0]) + w[role][1]
+
+        pos_k, pos_q = project("position_key"), project("position_query")
         rel = np.broadcast_to(np.asarray(relative_positions), (b, nq, nk, n_coords))
         idx = np.clip(n_pos // 2 + rel.astype(np.int64), 0, n_pos - 1)
         chunk = d // n_coords
@@ -83,12 +87,14 @@ def weights_of(layer):
     def dense(d):
         return arr(d.kernel), arr(d.bias)
 
-    w = {"key": dense(layer.key_proj), "query": dense(layer.query_projection)}
+    w = {"key": dense(layer.key_projection), "query": dense(layer.query_projection)}
     if layer.do_pooling:
-        w["value"] = dense(layer.value_proj)
+        w["value"] = dense(layer.value_projection)
     if layer.position_embedding_shape is not None:
         w["position_embedding"] = arr(layer.position_embedding)
-        w["position_key"] = dense(layer.position_key_proj)
-        w["position_query"] = dense(layer.position_query_projection)
-    w["head_bias"] = arr(layer.bias) if layer.head_bias else None
+        for term, projection in (("position_key", layer.position_key_projection),
+                                 ("position_query", layer.position_query_projection)):
+            if projection is not None:  # None: no term of the mode reads it
+                w[term] = dense(projection)
+    w["head_bias"] = arr(layer.head_bias) if layer.use_head_bias else None
     return w

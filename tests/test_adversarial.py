@@ -287,8 +287,8 @@ def test_python_lists_as_mask_and_positions(rng):
 def test_transformer_dropouts_draw_from_different_streams():
     layer = RelativeTransformerLayer(8, 2, dropout_p=0.5, seed=7)
     layer.build()
-    own = to_numpy(layer.dropout.seed_generator.state)
-    attention = to_numpy(layer.attention.dropout.seed_generator.state)
+    own = to_numpy(layer._dropout_layer.seed_generator.state)
+    attention = to_numpy(layer.attention._dropout_layer.seed_generator.state)
     assert not np.array_equal(own, attention)
 
 

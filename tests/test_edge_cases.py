@@ -19,8 +19,8 @@ def random_layer(rng, **kwargs):
     kwargs.setdefault("position_embedding", rng.normal(size=(9, 8)).astype("float32"))
     layer = RelativeAttention(8, 2, n_coordinates=2, **kwargs)
     layer.build()
-    if layer.head_bias:
-        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    if layer.use_head_bias:
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
     return layer
 
 
@@ -35,7 +35,7 @@ def test_fully_masked_rows_are_finite_in_forward_and_backward(rng):
     pooled = to_numpy(pooled)
     assert np.isfinite(pooled).all()
     # Documented: such a query averages every value uniformly (edspdf's rule).
-    values = to_numpy(layer.value_proj(x)).reshape(2, 4, 8)
+    values = to_numpy(layer.value_projection(x)).reshape(2, 4, 8)
     np.testing.assert_allclose(pooled[0, 2], values[0].mean(0), atol=1e-5)
     np.testing.assert_allclose(pooled[1], np.broadcast_to(values[1].mean(0), (4, 8)), atol=1e-5)
     grads = gradients(

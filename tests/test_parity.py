@@ -58,6 +58,10 @@ CASES = {
     "dropout_inference": dict(ctor=dict(dropout_p=0.3)),
     "trainable_table": dict(n_coordinates=2, ctor=dict(position_embedding_trainable=True)),
     "batch_1": dict(batch=1, n_queries=1, n_keys=1),
+    "shared_position_proj_p2c": dict(
+        ctor=dict(mode=("c2c", "p2c"), same_positional_key_query_proj=True),
+        n_coordinates=2,
+    ),
 }
 for modes in ALL_MODES:
     CASES["mode_" + "_".join(modes)] = dict(ctor=dict(mode=modes), n_coordinates=2)
@@ -143,7 +147,8 @@ def test_matches_edspdf(case, rng):
 @pytest.mark.parametrize(
     "case", ["default_1d", "cross_attention_sizes", "same_key_query_proj",
              "same_positional_proj", "additional_heads", "logits_only",
-             "no_table_c2c", "three_coordinates"]
+             "no_table_c2c", "three_coordinates", "mode_c2c", "mode_c2p", "mode_p2c",
+             "shared_position_proj_p2c"]
 )
 def test_exported_weights_load_into_edspdf(case, rng):
     """Our own random weights, exported, give edspdf our outputs."""
@@ -153,8 +158,8 @@ def test_exported_weights_load_into_edspdf(case, rng):
         **ctor,
     )
     layer.build()
-    if layer.head_bias:  # zeros by default: make the bias count
-        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    if layer.use_head_bias:  # zeros by default: make the bias count
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
     ours = layer(**inputs)
 
     module = edspdf_module(rng, size, n_heads, table=table, **ctor)
@@ -199,3 +204,32 @@ def test_dropout_is_active_only_in_training(rng):
     trained = to_numpy(layer(**inputs, training=True)[0])
     assert np.isfinite(trained).all()
     assert np.abs(trained - inference).max() > 1e-3
+
+
+@pytest.mark.parametrize("mode, shared, made, unused", [
+    (("c2c",), False, set(), "position_key_proj"),
+    (("c2c", "c2p"), False, {"position_key"}, "position_query_proj"),
+    (("c2c", "p2c"), False, {"position_query"}, "position_key_proj"),
+    (("c2c", "p2c"), True, {"position_key"}, None),
+    (("c2p", "p2c"), False, {"position_key", "position_query"}, None),
+])
+def test_only_the_position_projections_a_term_reads_exist(mode, shared, made, unused, rng):
+    """edspdf makes both whenever it has a table; one that no term reads
+    would get no gradient. Its tensors in an edspdf state dict still load
+    (shapes checked), and export writes zeros that edspdf loads strictly."""
+    table = rng.normal(size=(9, 12)).astype("float32")
+    ctor = dict(mode=mode, n_coordinates=2, same_positional_key_query_proj=shared)
+    layer = RelativeAttention(12, 2, position_embedding=table, **ctor)
+    layer.build()
+    names = {v.path.split("/")[1] for v in layer.weights if "position_" in v.path}
+    assert names - {"position_embedding"} == made
+    module = edspdf_module(rng, 12, 2, table=table, **ctor)
+    load_edspdf_state_dict(layer, module.state_dict())
+    state = edspdf_state_dict(layer)
+    assert set(state) == set(module.state_dict())
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    if unused is not None:
+        assert not state[unused + ".weight"].any()
+        wrong = {**module.state_dict(), unused + ".weight": torch.zeros(1, 2, 3)}
+        with pytest.raises(ValueError, match=unused + r"\.weight' has shape"):
+            load_edspdf_state_dict(layer, wrong)

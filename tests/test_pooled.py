@@ -40,8 +40,8 @@ def test_pooled_only_equals_the_full_path(case, blocks, rng):
     layer = RelativeAttention(size, n_heads, position_embedding=table,
                               bias_initializer="random_normal", **ctor)
     layer.build()
-    if layer.head_bias:
-        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    if layer.use_head_bias:
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
     full = to_numpy(layer(**inputs)[0])
     pooled = layer(**inputs, return_logits=False)
     assert not isinstance(pooled, (tuple, list))
@@ -83,7 +83,7 @@ def test_fully_masked_rows_average_the_values(rng, blocks):
     mask[1] = False
     rp = rng.integers(-5, 6, size=(2, 4, 4, 2))
     pooled = to_numpy(layer(x, x, x, mask=mask, relative_positions=rp, return_logits=False))
-    values = to_numpy(layer.value_proj(x)).reshape(2, 4, 8)
+    values = to_numpy(layer.value_projection(x)).reshape(2, 4, 8)
     np.testing.assert_allclose(pooled[0, 2], values[0].mean(0), atol=1e-5)
     np.testing.assert_allclose(pooled[1], np.broadcast_to(values[1].mean(0), (4, 8)), atol=1e-5)
 

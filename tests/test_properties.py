@@ -58,8 +58,8 @@ def test_layer_matches_reference(ctor, data):
         layer.position_embedding.assign(
             rng.normal(size=layer.position_embedding_shape).astype("float32")
         )
-    if layer.head_bias:
-        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    if layer.use_head_bias:
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
     config = layer.get_config()
 
     b, nq = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))

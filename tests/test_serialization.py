@@ -62,8 +62,8 @@ def test_weights_are_created_by_build_with_stable_names(rng):
         "value/kernel", "value/bias",
         "position_key/kernel", "position_key/bias",
     ])
-    assert layer.key_proj.kernel.shape == (16, 3, 6)
-    assert layer.position_key_proj.kernel.shape == (2, 4, 3, 3)
+    assert layer.key_projection.kernel.shape == (16, 3, 6)
+    assert layer.position_key_projection.kernel.shape == (2, 4, 3, 3)
     assert not layer.position_embedding.trainable
     assert len(layer.trainable_weights) == len(layer.weights) - 1
 
