@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_relattn import _checks
 from keras_relattn.positions import box_relative_positions
-from keras_relattn.transformer import RelativeTransformerLayer
+from keras_relattn.transformer import RelativeTransformerLayer, serialize_activation
 
 BOX_KEYS = ("xmin", "ymin", "xmax", "ymax", "width", "height")
 
@@ -214,7 +214,7 @@ class BoxTransformer(keras.layers.Layer):
             num_heads=self.num_heads,
             dropout_p=self.dropout_p,
             head_size=self.head_size,
-            activation=self.activation,
+            activation=serialize_activation(self.activation),
             init_resweight=self.init_resweight,
             n_relative_positions=self.n_relative_positions,
             attention_mode=list(self.attention_mode),

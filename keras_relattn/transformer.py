@@ -1,11 +1,72 @@
 """`RelativeTransformerLayer`: edspdf's `BoxTransformerLayer` for Keras."""
 
+
 import keras
 from keras import ops
 
+from keras_relattn import _kernels
 from keras_relattn.relative_attention import RelativeAttention
 
-ACTIVATIONS = ("relu", "gelu")
+
+def exact_gelu(x):
+    """GELU as torch computes it (edspdf's), `x / 2 * (1 + erf(x / sqrt(2)))`:
+    see `_kernels.exact_gelu` for why it is not Keras' own everywhere."""
+    return _kernels.exact_gelu(x)
+
+
+def tanh_gelu(x):
+    """GELU's tanh approximation (torch's `approximate="tanh"`)."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+_NAMED_ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": tanh_gelu}
+
+
+def get_activation(activation):
+    """The feed-forward activation: `"gelu"` (exact, edspdf's), `"gelu_tanh"`,
+    or any Keras activation (a name such as `"relu"`, or a registered
+    function)."""
+    if isinstance(activation, str) and activation in _NAMED_ACTIVATIONS:
+        return _NAMED_ACTIVATIONS[activation]
+    if activation == "glu":
+        raise ValueError(
+            "`activation='glu'` is not supported: edspdf's 'glu' halves the "
+            "features and cannot feed its own second linear layer. Use "
+            "'gelu' (edspdf's default), 'gelu_tanh', 'relu' or another Keras "
+            "activation."
+        )
+    try:
+        function = keras.activations.get(activation)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "`activation` must be 'gelu' (exact, edspdf's default), "
+            "'gelu_tanh' or a Keras activation. Received: "
+            f"activation={activation!r} ({error})"
+        ) from None
+    if function is None or not callable(function):
+        raise ValueError(
+            f"`activation` must name an activation. Received: activation={activation!r}"
+        )
+    return function
+
+
+class LayerNorm(keras.layers.LayerNormalization):
+    """`LayerNormalization` over the last axis that exports to ONNX from
+    torch too (see `_kernels.layer_norm`); the same weights and numbers."""
+
+    def call(self, inputs):
+        outputs = _kernels.layer_norm(
+            inputs, ops.convert_to_tensor(self.gamma), ops.convert_to_tensor(self.beta),
+            self.epsilon, size=self.gamma.shape[-1],  # a Keras variable's static shape
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+
+def serialize_activation(activation):
+    """`activation` as a config value: names stay names."""
+    if isinstance(activation, str):
+        return activation
+    return keras.activations.serialize(activation)
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -32,7 +93,9 @@ class RelativeTransformerLayer(keras.layers.Layer):
             branches.
         head_size: int, size of each attention head (default
             `input_size // num_heads`).
-        activation: `"gelu"` (exact, as torch's) or `"relu"`.
+        activation: `"gelu"` (exact, as torch's: edspdf's default),
+            `"gelu_tanh"` (its tanh approximation), or any Keras activation
+            (`"relu"`, `"silu"`, a registered function).
         init_resweight: float, initial value of the residual gates.
         attention_mode: terms of the attention, see `RelativeAttention`.
         position_embedding: optional `(n_positions, position_size)` array, the
@@ -97,12 +160,7 @@ class RelativeTransformerLayer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"`activation` must be one of {ACTIVATIONS}. Received: "
-                f"activation={activation!r} (edspdf's 'glu' halves the "
-                "features and cannot feed its own second linear layer)."
-            )
+        self._activation = get_activation(activation)
         self.input_size = input_size
         self.num_heads = num_heads
         self.dropout_p = float(dropout_p)
@@ -126,16 +184,16 @@ class RelativeTransformerLayer(keras.layers.Layer):
             name="attention",
         )
         common = dict(dtype=self.dtype_policy)
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=self.layer_norm_epsilon, name="norm", **common
         )
-        self.norm2 = keras.layers.LayerNormalization(
+        self.norm2 = LayerNorm(
             epsilon=self.layer_norm_epsilon, name="norm2", **common
         )
         self.linear1 = keras.layers.Dense(2 * input_size, name="linear1", **common)
         self.linear2 = keras.layers.Dense(input_size, name="linear2", **common)
         # Its own stream: the attention's dropout draws from `seed` already.
-        self.dropout = (
+        self._dropout_layer = (
             keras.layers.Dropout(
                 self.dropout_p, seed=None if seed is None else seed + 1, **common
             )
@@ -156,13 +214,10 @@ class RelativeTransformerLayer(keras.layers.Layer):
         self.resweight2 = self.add_weight(name="resweight2", shape=(1,), initializer=gate)
         self.built = True
 
-    def _drop(self, x, training):
-        return x if self.dropout is None else self.dropout(x, training=training)
-
-    def _activation(self, x):
-        if self.activation == "gelu":
-            return keras.activations.gelu(x, approximate=False)
-        return keras.activations.relu(x)
+    def _dropout(self, x, training):
+        if self._dropout_layer is None:
+            return x
+        return self._dropout_layer(x, training=training)
 
     def call(
         self,
@@ -184,11 +239,11 @@ class RelativeTransformerLayer(keras.layers.Layer):
         )
         update, logits = attended if return_logits else (attended, None)
         gate = ops.cast(self.resweight, self.compute_dtype)
-        embeds = self.norm(embeds + self._drop(update, training) * gate)
-        hidden = self._drop(self._activation(self.linear1(embeds)), training)
+        embeds = self.norm(embeds + self._dropout(update, training) * gate)
+        hidden = self._dropout(self._activation(self.linear1(embeds)), training)
         update = self.linear2(hidden)
         gate2 = ops.cast(self.resweight2, self.compute_dtype)
-        embeds = self.norm2(embeds + self._drop(update, training) * gate2)
+        embeds = self.norm2(embeds + self._dropout(update, training) * gate2)
         return (embeds, logits) if return_logits else embeds
 
     def compute_output_spec(self, embeds, *args, return_logits=True, **kwargs):
@@ -215,7 +270,7 @@ class RelativeTransformerLayer(keras.layers.Layer):
             num_heads=self.num_heads,
             dropout_p=self.dropout_p,
             head_size=attention.head_size,
-            activation=self.activation,
+            activation=serialize_activation(self.activation),
             init_resweight=self.init_resweight,
             attention_mode=list(attention.mode),
             position_embedding=None,

@@ -13,6 +13,7 @@ from keras_relattn.positions import (
     box_relative_positions, grid_relative_positions, log_bucket_positions,
     sequence_relative_positions,
 )
+from keras_relattn.transformer import get_activation
 
 torch = pytest.importorskip("torch")
 
@@ -132,9 +133,38 @@ def test_transformer_layer_matches_edspdf_both_ways(activation, trainable_table,
         np.testing.assert_allclose(to_numpy(g), w.numpy(), atol=1e-4)
 
 
-def test_transformer_rejects_glu():
+def test_transformer_rejects_glu_and_unknown_activations():
     with pytest.raises(ValueError, match="activation"):
         RelativeTransformerLayer(8, activation="glu")
+    with pytest.raises(ValueError, match="`activation`.*'no_such'"):
+        RelativeTransformerLayer(8, activation="no_such")
+
+
+@pytest.mark.parametrize("name, approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_gelu_activations_equal_torch(name, approximate):
+    """"gelu" is torch's exact erf form (edspdf's default, and ONNX has `Erf`,
+    not the `Erfc` of Keras' TensorFlow gelu); "gelu_tanh" its approximation."""
+    x = np.linspace(-12, 12, 2001).astype("float32")
+    want = torch.nn.functional.gelu(torch.tensor(x), approximate=approximate).numpy()
+    got = to_numpy(get_activation(name)(keras.ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_any_keras_activation_runs_and_round_trips(rng, tmp_path):
+    x = rng.normal(size=(2, 5, 16)).astype("float32")
+    rel = rng.integers(-4, 5, size=(2, 5, 5, 2))
+    outputs = {}
+    for activation in ("gelu", "silu"):
+        layer = RelativeTransformerLayer(16, 2, activation=activation, init_resweight=0.5,
+                                         position_embedding_shape=(9, 8))
+        layer.build()
+        weights = np.random.default_rng(0)  # the same weights for both
+        for weight in layer.weights:
+            weight.assign(weights.normal(size=weight.shape).astype("float32"))
+        outputs[activation] = to_numpy(layer(x, relative_positions=rel)[0])
+        clone = RelativeTransformerLayer.from_config(layer.get_config())
+        assert clone.get_config()["activation"] == activation
+    assert np.abs(outputs["gelu"] - outputs["silu"]).max() > 1e-4
 
 
 def test_stacked_layers_share_one_table_and_round_trip(rng, tmp_path):
