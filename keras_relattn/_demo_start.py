@@ -8,23 +8,32 @@ this package (`sys.argv[0] == "-m"`): importing keras_relattn anywhere else
 never touches the process' stderr.
 """
 
+import importlib.util
 import os
 
 
+def _import_keras():
+    import keras
+
+    # On the other backends Keras still imports TensorFlow when it saves a
+    # model (the demo does), if it is installed: import it now, quietly.
+    if keras.backend.backend() != "tensorflow" and importlib.util.find_spec("tensorflow"):
+        import tensorflow  # noqa: F401
+
+
 def import_keras_quietly():
-    """Imports Keras (and its backend) with file descriptor 2 sent to
-    /dev/null, then restores it; an import error is raised after the
-    restore, so its traceback is seen."""
+    """Imports Keras, its backend (and TensorFlow where installed) with file
+    descriptor 2 sent to /dev/null, then restores it; an import error is
+    raised after the restore, so its traceback is seen."""
     try:
         saved = os.dup(2)
     except OSError:  # no stderr to silence
-        import keras  # noqa: F401
-
+        _import_keras()
         return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import keras  # noqa: F401
+            _import_keras()
     finally:
         os.dup2(saved, 2)
         os.close(saved)

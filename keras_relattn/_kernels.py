@@ -145,16 +145,17 @@ def exact_gelu(x):
     return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def layer_norm(x, gamma, beta, epsilon, size):
-    """`keras.ops.layer_normalization` over the last axis, of static `size`.
+def torch_layer_norm(x, gamma, beta, epsilon, size):
+    """Keras' torch layer normalization over the last axis, of static `size`,
+    or None on another backend (Keras' own then runs).
 
-    On torch, Keras reads that size from the input's shape, which
-    `torch.jit.trace` records as a traced value that the ONNX exporter
-    cannot make constant; here it comes from the layer's configuration. The same kernel
+    Keras reads that size from the input's shape, which `torch.jit.trace`
+    records as a traced value that the ONNX exporter cannot make constant;
+    here it comes from the layer's configuration. The same kernel
     (`F.layer_norm`) in at least float32, as Keras computes it.
     """
     if keras.backend.backend() != "torch":
-        return ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+        return None
     import torch
 
     dtype = x.dtype

@@ -22,7 +22,10 @@ class Projection(keras.layers.EinsumDense):
     def quantize(self, mode=None, type_check=True, config=None):
         # EinsumDense refuses subclasses by default; this one only changes
         # the float bias add, so its quantized paths are EinsumDense's own.
-        super().quantize(mode, type_check=False, config=config)
+        if config is None:  # Keras < 3.12 has no `config`
+            super().quantize(mode, type_check=False)
+        else:
+            super().quantize(mode, type_check=False, config=config)
 
     def call(self, inputs, training=None):
         return self._add_bias(ops.einsum(self.equation, inputs, self.kernel))

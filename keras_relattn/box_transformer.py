@@ -98,8 +98,8 @@ class BoxTransformer(keras.layers.Layer):
                 "n_relative_positions", n_relative_positions
             )
         self.n_relative_positions = n_relative_positions
-        self.num_heads = num_heads
-        self.dropout_p = float(dropout_p)
+        self.num_heads = _checks.positive_int("num_heads", num_heads)
+        self.dropout_p = _checks.dropout_rate("dropout_p", dropout_p)
         self.head_size = head_size
         self.activation = activation
         self.init_resweight = float(init_resweight)

@@ -11,6 +11,10 @@ of their names in an edspdf state dict, as `torch.nn.Module.state_dict` does.
 import keras
 import numpy as np
 
+from keras_relattn.box_transformer import BoxTransformer
+from keras_relattn.relative_attention import RelativeAttention
+from keras_relattn.transformer import RelativeTransformerLayer
+
 
 class _Entry:
     """One edspdf tensor and the Keras variable that holds it.
@@ -169,11 +173,6 @@ def _box_transformer_entries(layer, prefix=""):
 
 
 def _handlers():
-    # Imported here: the layers' modules do not import this one.
-    from keras_relattn.box_transformer import BoxTransformer
-    from keras_relattn.relative_attention import RelativeAttention
-    from keras_relattn.transformer import RelativeTransformerLayer
-
     return (
         (BoxTransformer, _box_transformer_entries),
         (RelativeTransformerLayer, _transformer_layer_entries),

@@ -1,6 +1,8 @@
 """`PositionTable`: one trainable relative-position table for many layers."""
 
 import keras
+
+from keras_relattn import _checks
 from keras import ops
 
 
@@ -62,11 +64,8 @@ class PositionTable(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (("n_positions", n_positions), ("size", size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1. Received: {value!r}")
-        self.n_positions = n_positions
-        self.size = size
+        self.n_positions = _checks.positive_int("n_positions", n_positions)
+        self.size = _checks.positive_int("size", size)
         self.initializer = keras.initializers.get(
             initializer or keras.initializers.RandomNormal(stddev=1.0)
         )

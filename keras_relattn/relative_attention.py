@@ -1,6 +1,7 @@
 """The `RelativeAttention` layer: DeBERTa-style disentangled attention."""
 
 import functools
+import inspect
 import math
 
 import keras
@@ -417,11 +418,16 @@ class RelativeAttention(keras.layers.Layer):
         The base kernels are frozen; only the adapters (and the biases and
         the head bias) stay trainable, as with `keras.layers.EinsumDense`.
         """
+        options = dict(a_initializer=a_initializer, b_initializer=b_initializer)
+        if lora_alpha is not None:
+            if "lora_alpha" not in inspect.signature(Projection.enable_lora).parameters:
+                raise ValueError(
+                    f"`lora_alpha` needs Keras >= 3.10 (this is Keras "
+                    f"{keras.__version__}). Received: lora_alpha={lora_alpha}"
+                )
+            options["lora_alpha"] = lora_alpha
         for projection in self.projections():
-            projection.enable_lora(
-                rank, lora_alpha=lora_alpha, a_initializer=a_initializer,
-                b_initializer=b_initializer,
-            )
+            projection.enable_lora(rank, **options)
 
     # ---------------------------------------------------------- validation
     def _check_feature_shapes(self, q_shape, k_shape, v_shape):

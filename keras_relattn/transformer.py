@@ -4,7 +4,7 @@
 import keras
 from keras import ops
 
-from keras_relattn import _kernels
+from keras_relattn import _checks, _kernels
 from keras_relattn.relative_attention import RelativeAttention
 
 
@@ -52,13 +52,16 @@ def get_activation(activation):
 
 class LayerNorm(keras.layers.LayerNormalization):
     """`LayerNormalization` over the last axis that exports to ONNX from
-    torch too (see `_kernels.layer_norm`); the same weights and numbers."""
+    torch too (see `_kernels.torch_layer_norm`); the same weights and
+    numbers."""
 
     def call(self, inputs):
-        outputs = _kernels.layer_norm(
+        outputs = _kernels.torch_layer_norm(
             inputs, ops.convert_to_tensor(self.gamma), ops.convert_to_tensor(self.beta),
             self.epsilon, size=self.gamma.shape[-1],  # a Keras variable's static shape
         )
+        if outputs is None:
+            return super().call(inputs)
         return ops.cast(outputs, self.compute_dtype)
 
 
@@ -161,9 +164,14 @@ class RelativeTransformerLayer(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self._activation = get_activation(activation)
-        self.input_size = input_size
-        self.num_heads = num_heads
-        self.dropout_p = float(dropout_p)
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.num_heads = _checks.positive_int("num_heads", num_heads)
+        if self.input_size % self.num_heads:
+            raise ValueError(
+                f"`input_size` ({input_size}) must be divisible by `num_heads` "
+                f"({num_heads}): each head pools `input_size // num_heads` features."
+            )
+        self.dropout_p = _checks.dropout_rate("dropout_p", dropout_p)
         self.activation = activation
         self.init_resweight = float(init_resweight)
         self.layer_norm_epsilon = float(layer_norm_epsilon)

@@ -60,8 +60,9 @@ def make_model(mode):
     ids = keras.Input((None,), dtype="int32")
     positions = keras.Input((None, None, 1), dtype="int32")
     x = keras.layers.Embedding(VOCAB, 32)(ids)
-    if mode == ("c2c",):  # content only: no table at all
-        pooled, logits = RelativeAttention(32, 4, mode=mode, name="attention")(x, x, x)
+    if mode == ("c2c",):  # content only: no table, the positions are unused
+        pooled, logits = RelativeAttention(32, 4, mode=mode, name="attention")(
+            x, x, x, relative_positions=positions)
     else:
         table = PositionTable(17, 32, name="table")(x)
         pooled, logits = RelativeAttention(

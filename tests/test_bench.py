@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import BACKEND
+from helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import BACKEND
+from helpers import BACKEND
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

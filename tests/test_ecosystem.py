@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import to_numpy
+from helpers import to_numpy
 from keras_relattn import (
     PositionTable, RelativeTransformerLayer, edspdf_state_dict, load_edspdf_state_dict,
     sinusoidal_table,

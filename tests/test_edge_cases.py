@@ -1,18 +1,15 @@
 """Edge inputs get correct answers; files and checkpoints from elsewhere fail clearly."""
 
 import json
-import os
-import sys
 import zipfile
 
 import keras
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import gradients, to_numpy  # noqa: E402
-from keras_relattn import RelativeAttention, edspdf_state_dict, load_edspdf_state_dict  # noqa: E402
-from reference import reference_attention, weights_of  # noqa: E402
+from helpers import gradients, to_numpy
+from keras_relattn import RelativeAttention, edspdf_state_dict, load_edspdf_state_dict
+from reference import reference_attention, weights_of
 
 
 def random_layer(rng, **kwargs):

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND, to_numpy
+from helpers import BACKEND, to_numpy
 from keras_relattn import RelativeTransformerLayer
 
 SHAPES = [(1, 1), (2, 3), (3, 7)]  # (batch, length)
@@ -119,6 +119,10 @@ def test_onnx_export_at_every_length(path, rng, tmp_path):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="LiteRT export is tested on TensorFlow")
+@pytest.mark.skipif(
+    tuple(int(p) for p in keras.__version__.split(".")[:2]) < (3, 13),
+    reason="Keras < 3.13 has no format='litert'",
+)
 @pytest.mark.parametrize("path", PATHS)
 def test_litert_export_with_builtin_ops_only(path, rng, tmp_path):
     """A `x[:, :, None]` index became `FlexStridedSlice`, an op the plain

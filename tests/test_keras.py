@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from conftest import BACKEND, gradients, to_numpy
+from helpers import BACKEND, gradients, to_numpy
 from keras_relattn import PositionTable, RelativeAttention
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from conftest import to_numpy
+from helpers import to_numpy
 from keras_relattn import _kernels
 
 

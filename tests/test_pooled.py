@@ -5,14 +5,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND, to_numpy
+from helpers import BACKEND, to_numpy
 from keras_relattn import RelativeAttention, RelativeTransformerLayer, _kernels
 from keras_relattn import relative_attention as relative_attention_module
-from test_parity import CASES, make_case
+from parity_cases import CASES, make_case
 
-POOLED_CASES = sorted(
-    name for name, spec in CASES.items() if spec.get("values", True)
-)
+POOLED_CASES = sorted(name for name, case in CASES.items() if case.values)
 
 
 @pytest.fixture(params=["one block", "blocks of 2 queries"])
@@ -36,7 +34,7 @@ def inference(fn):
 
 @pytest.mark.parametrize("case", POOLED_CASES)
 def test_pooled_only_equals_the_full_path(case, blocks, rng):
-    size, n_heads, table, ctor, inputs = make_case(rng, **CASES[case])
+    size, n_heads, table, ctor, inputs = make_case(rng, CASES[case])
     layer = RelativeAttention(size, n_heads, position_embedding=table,
                               bias_initializer="random_normal", **ctor)
     layer.build()
@@ -146,7 +144,7 @@ def test_transformer_layer_without_logits(rng):
 
 
 def test_pooled_only_gradients_equal_the_full_paths(rng):
-    from conftest import gradients
+    from helpers import gradients
 
     layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
                               n_coordinates=2, position_embedding_trainable=True)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import to_numpy
+from helpers import to_numpy
 from keras_relattn import RelativeAttention
 from reference import reference_attention, weights_of
 

@@ -5,7 +5,7 @@ import json
 import keras
 import numpy as np
 
-from conftest import to_numpy
+from helpers import to_numpy
 from keras_relattn import RelativeAttention
 
 
