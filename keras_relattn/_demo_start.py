@@ -8,17 +8,21 @@ this package (`sys.argv[0] == "-m"`): importing keras_relattn anywhere else
 never touches the process' stderr.
 """
 
-import importlib.util
 import os
 
 
 def _import_keras():
-    import keras
+    import keras  # noqa: F401
 
-    # On the other backends Keras still imports TensorFlow when it saves a
-    # model (the demo does), if it is installed: import it now, quietly.
-    if keras.backend.backend() != "tensorflow" and importlib.util.find_spec("tensorflow"):
-        import tensorflow  # noqa: F401
+    # On every backend, Keras imports TensorFlow (when installed) the first
+    # time it serializes an object, as the demo's save does: have Keras do
+    # that import now, while it is quiet.
+    try:
+        from keras.src.utils import module_utils
+
+        module_utils.tensorflow.available  # noqa: B018
+    except (ImportError, AttributeError):  # pragma: no cover - other Keras layouts
+        pass
 
 
 def import_keras_quietly():
