@@ -191,6 +191,15 @@ def systems_for(name_list, coords, data, backward, args):
             ours, ours_pooled_call if args.pooled else ours_call, backward, data,
             args.torch_compile,
         )
+    if "ours_c2c" in name_list:
+        # The ablation: our layer with the content term only (no table), so
+        # that ours - ours_c2c is what the position terms cost in this cell.
+        content = RelativeAttention(SIZE, HEADS, mode=("c2c",), n_coordinates=coords)
+        content.build()
+        systems["ours_c2c"] = compiled_keras(
+            content, ours_pooled_call if args.pooled else ours_call, backward, data,
+            args.torch_compile,
+        )
     if "keras_mha" in name_list:
         mha = keras.layers.MultiHeadAttention(HEADS, SIZE // HEADS)
         mha(data[0][:1], data[0][:1])

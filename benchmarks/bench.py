@@ -6,6 +6,8 @@ round) so that machine noise hits them alike:
 - `ours`: this package's layer on the current Keras backend, compiled with the
   backend's own compiler (`jax.jit`, `tf.function(jit_compile=True)`; torch
   runs eagerly unless `--torch-compile`);
+- `ours_c2c` (only when named in `--systems`): the same layer with the content
+  term alone, no table: `ours - ours_c2c` is what the position terms cost;
 - `keras_mha`: `keras.layers.MultiHeadAttention` returning its scores, on the
   same backend and compiler: the cost of plain attention;
 - `edspdf`: edspdf's PyTorch `RelativeAttention`, eager, when installed. Ours
