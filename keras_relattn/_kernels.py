@@ -30,6 +30,8 @@ import math
 import keras
 from keras import ops
 
+from keras_relattn import _checks
+
 try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
     from keras.src.backend import nn as _backend_nn
 
@@ -423,8 +425,7 @@ class PositionTerms:
         # 0/1 factor on the terms, (batch or 1, queries or 1, keys or 1).
         self.keep = None
         if no_position_mask is not None:
-            if keras.backend.standardize_dtype(no_position_mask.dtype) != "bool":
-                no_position_mask = ops.not_equal(no_position_mask, 0)
+            no_position_mask = _checks.as_bool(no_position_mask)
             self.keep = ops.cast(ops.logical_not(no_position_mask), q.dtype)
         chunk = q.shape[-1] // self.coords
         # Per coordinate: (c2p scores or None, p2c scores or None).

@@ -8,18 +8,13 @@ from keras_relattn import _checks, _kernels
 from keras_relattn.relative_attention import RelativeAttention
 
 
-def exact_gelu(x):
-    """GELU as torch computes it (edspdf's), `x / 2 * (1 + erf(x / sqrt(2)))`:
-    see `_kernels.exact_gelu` for why it is not Keras' own everywhere."""
-    return _kernels.exact_gelu(x)
-
-
 def tanh_gelu(x):
     """GELU's tanh approximation (torch's `approximate="tanh"`)."""
     return keras.activations.gelu(x, approximate=True)
 
 
-_NAMED_ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": tanh_gelu}
+# "gelu": torch's exact GELU, edspdf's default (see `_kernels.exact_gelu`).
+_NAMED_ACTIVATIONS = {"gelu": _kernels.exact_gelu, "gelu_tanh": tanh_gelu}
 
 
 def get_activation(activation):
