@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -215,7 +216,7 @@ def systems_for(name_list, coords, data, backward, args):
     return systems, notes
 
 
-def time_interleaved(systems, repeats, warmup=2, block=3):
+def time_interleaved(systems, repeats, warmup=2, block=3, faults=None):
     """Median milliseconds per system, over `repeats` rounds of `block` calls.
 
     Rounds interleave the systems (so slow drifts of the machine hit them
@@ -223,19 +224,29 @@ def time_interleaved(systems, repeats, warmup=2, block=3):
     untimed call: the first call after another system pays for that
     system's leftovers (torch's OpenMP workers spinning down took a core
     from XLA: +60% on W1), which no user running one system sees.
+
+    `faults`, a dict, receives each system's mean minor page faults per
+    timed call: a compiled call whose temporaries pass glibc's 32 MiB
+    ceiling gets them from the system afresh every call (see
+    docs/performance.md, "Page faults"), which the time includes.
     """
     for fn in systems.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in systems}
+    minor = {name: 0 for name in systems}
     names = list(systems)
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
             systems[name]()
             for _ in range(block):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 systems[name]()
                 times[name].append(time.perf_counter() - start)
+                minor[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    if faults is not None:
+        faults.update({name: minor[name] / len(times[name]) for name in systems})
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -249,19 +260,21 @@ def run(args):
     print(f"D={SIZE}, {HEADS} heads, {POSITIONS}-entry table, medians of {args.repeats} "
           "interleaved rounds; edspdf runs torch eager\n")
     results = {"backend": BACKEND, "compiler": compiler, "mode": kind, "workloads": {}}
-    header = f"{'workload':8} {'system':10} {'median ms':>10} {'/ edspdf':>9} {'/ keras_mha':>12}"
+    header = (f"{'workload':8} {'system':10} {'median ms':>10} {'/ edspdf':>9} {'/ keras_mha':>12}"
+              f" {'faults/call':>12}")
     print(header)
     print("-" * len(header))
     for w in [w.strip() for w in args.workloads.split(",")]:
         spec = WORKLOADS[w]
         data = make_data(rng, spec["batch"], spec["length"], spec["coords"])
         systems, notes = systems_for(names, spec["coords"], data, args.backward, args)
-        medians = time_interleaved(systems, args.repeats)
-        entry = {"spec": spec, "median_ms": medians, **notes}
+        faults = {}
+        medians = time_interleaved(systems, args.repeats, faults=faults)
+        entry = {"spec": spec, "median_ms": medians, "faults_per_call": faults, **notes}
         for name, ms in medians.items():
             r_e = ms / medians["edspdf"] if "edspdf" in medians else float("nan")
             r_m = ms / medians["keras_mha"] if "keras_mha" in medians else float("nan")
-            print(f"{w:8} {name:10} {ms:10.2f} {r_e:9.2f} {r_m:12.2f}")
+            print(f"{w:8} {name:10} {ms:10.2f} {r_e:9.2f} {r_m:12.2f} {faults[name]:12.0f}")
         if BACKEND == "jax" and "ours" in systems:
             mem = systems["ours"].memory()
             entry["ours_temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -383,11 +396,13 @@ def run_model(args):
     print(f"keras {keras.__version__}, backend {BACKEND} ({compiler}): train_on_batch of "
           f"{MODEL['blocks']} blocks, batch {MODEL['batch']} x {MODEL['length']}, "
           f"{MODEL['coords']}-D positions; ours return_logits=False")
-    medians = time_interleaved(model_systems(args, rng), args.repeats)
+    faults = {}
+    medians = time_interleaved(model_systems(args, rng), args.repeats, faults=faults)
     for name, ms in medians.items():
-        print(f"{name:10} {ms:10.2f} ms {ms / medians['keras_mha']:8.2f} x keras_mha")
+        print(f"{name:10} {ms:10.2f} ms {ms / medians['keras_mha']:8.2f} x keras_mha"
+              f" {faults[name]:8.0f} faults/call")
     return {"backend": BACKEND, "compiler": compiler, "mode": "model", "spec": MODEL,
-            "median_ms": medians}
+            "median_ms": medians, "faults_per_call": faults}
 
 
 # --long: peak memory and time of a pooled-only eager call at long lengths ----------

@@ -2,11 +2,15 @@
 caller) against returning both outputs and against `return_logits=False`.
 
 Usage: python benchmarks/dropped_logits.py --backend jax|tensorflow
-Prints medians (interleaved rounds) at the benchmark's workloads.
+Prints medians (interleaved rounds) at the benchmark's workloads, the minor
+page faults per call and, on JAX, XLA's temporary memory per variant: past
+glibc's 32 MiB ceiling, a call's temporaries are faulted in afresh on every
+call (docs/performance.md, "Page faults").
 """
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,16 +66,27 @@ def main():
             calls = {k: (lambda f: lambda: f(values, others, x, mask, rel))(
                 tf.function(f, jit_compile=True)) for k, f in variants.items()}
         times = {k: [] for k in calls}
+        faults = {k: 0 for k in calls}
         for fn in calls.values():
             fn(), fn()
         for r in range(args.repeats):
             for k in list(calls)[r % 3:] + list(calls)[: r % 3]:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 calls[k]()
                 times[k].append(time.perf_counter() - start)
+                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         medians = {k: np.median(t) * 1e3 for k, t in times.items()}
         base = medians["both outputs"]
+        temps = {}
+        if args.backend == "jax":
+            temps = {k: jax.jit(f).lower(values, others, x, mask, rel).compile()
+                     .memory_analysis().temp_size_in_bytes / 2**20 for k, f in variants.items()}
         print(f"{name}: " + ", ".join(f"{k} {m:.2f} ({m / base:.2f}x)" for k, m in medians.items()))
+        print("    faults/call: " + ", ".join(
+            f"{k} {faults[k] / args.repeats:.0f}" for k in calls)
+            + ("; XLA temporaries MiB: " + ", ".join(f"{k} {t:.0f}" for k, t in temps.items())
+               if temps else ""))
     return 0
 
 

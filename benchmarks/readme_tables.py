@@ -69,8 +69,9 @@ def pooled_table():
     """The paths users run: pooled output only (`return_logits=False`, MHA
     returning its output only), forward + backward, a model's training step."""
     lines = [
-        "| backend | path | workload | ours | Keras MHA | edspdf | ours / MHA | ours / edspdf |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | path | workload | ours | Keras MHA | edspdf | ours / MHA | ours / edspdf "
+        "| page faults per call, ours / MHA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for backend in BACKENDS:
         for kind, path in (("pooled_forward", "pooled, forward"),
@@ -83,16 +84,24 @@ def pooled_table():
                     f"| {label} | {path} | {workload} | {ms['ours']:.2f} | "
                     f"{ms['keras_mha']:.2f} | {ms['edspdf']:.2f} | "
                     f"**{ms['ours'] / ms['keras_mha']:.2f}** | "
-                    f"{ms['ours'] / ms['edspdf']:.2f} |"
+                    f"{ms['ours'] / ms['edspdf']:.2f} | {faults(entry)} |"
                 )
         run = load(f"model_{backend}.json")
         ms = run["median_ms"]
         lines.append(
             f"| {NAMES[(run['backend'], run['compiler'])]} | 2-block model, `train_on_batch` | "
             f"8 x 256, 2-D | {ms['ours']:.2f} | {ms['keras_mha']:.2f} | - | "
-            f"**{ms['ours'] / ms['keras_mha']:.2f}** | - |"
+            f"**{ms['ours'] / ms['keras_mha']:.2f}** | - | {faults(run)} |"
         )
     return "\n".join(lines)
+
+
+def faults(entry):
+    """Minor page faults per timed call, ours / MHA: thousands of them mean a
+    call gets its temporaries from the system afresh (docs/performance.md,
+    "Page faults"), which its time includes."""
+    counts = entry["faults_per_call"]
+    return f"{counts['ours']:.0f} / {counts['keras_mha']:.0f}"
 
 
 def long_table():
