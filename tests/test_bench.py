@@ -24,5 +24,9 @@ def test_bench_runs_and_checks_agreement_with_edspdf(tmp_path):
     w1 = result["workloads"]["W1"]
     assert set(w1["median_ms"]) == {"ours", "keras_mha", "edspdf"}
     assert all(ms > 0 for ms in w1["median_ms"].values())
+    # Page faults per timed call, for every system (the README's last column).
+    assert set(w1["faults_per_call"]) == set(w1["median_ms"])
+    assert all(n >= 0 for n in w1["faults_per_call"].values())
+    assert "faults/call" in done.stdout
     assert w1["max_abs_error_vs_edspdf"] < 1e-4
     assert "/ edspdf" in done.stdout and "W1" in done.stdout
