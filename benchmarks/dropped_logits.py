@@ -10,10 +10,8 @@ call (docs/performance.md, "Page faults").
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -28,7 +26,7 @@ def main():
         return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
-    from _bench_impl import WORKLOADS, build_ours, make_data
+    from _bench_impl import WORKLOADS, build_ours, make_data, time_interleaved
 
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__}, {args.backend}, compiled; medians in ms")
@@ -54,39 +52,29 @@ def main():
         }
         values = [w.value for w in layer.trainable_variables]
         others = [w.value for w in layer.non_trainable_variables]
+        data = (values, others, x, mask, rel)
+        temps = {}
         if args.backend == "jax":
             import jax
 
-            calls = {k: (lambda f: lambda: jax.block_until_ready(f(values, others, x, mask, rel)))(
-                jax.jit(f)) for k, f in variants.items()}
+            compiled = {k: jax.jit(f) for k, f in variants.items()}
+            calls = {k: (lambda f: lambda: jax.block_until_ready(f(*data)))(f)
+                     for k, f in compiled.items()}
+            temps = {k: f.lower(*data).compile().memory_analysis().temp_size_in_bytes / 2**20
+                     for k, f in compiled.items()}
         else:
             import tensorflow as tf
 
             # Eager TensorFlow returns computed tensors (CPU): no copy out.
-            calls = {k: (lambda f: lambda: f(values, others, x, mask, rel))(
-                tf.function(f, jit_compile=True)) for k, f in variants.items()}
-        times = {k: [] for k in calls}
-        faults = {k: 0 for k in calls}
-        for fn in calls.values():
-            fn(), fn()
-        for r in range(args.repeats):
-            for k in list(calls)[r % 3:] + list(calls)[: r % 3]:
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                calls[k]()
-                times[k].append(time.perf_counter() - start)
-                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        medians = {k: np.median(t) * 1e3 for k, t in times.items()}
+            calls = {k: (lambda f: lambda: f(*data))(tf.function(f, jit_compile=True))
+                     for k, f in variants.items()}
+        faults = {}
+        medians = time_interleaved(calls, args.repeats, faults=faults)
         base = medians["both outputs"]
-        temps = {}
-        if args.backend == "jax":
-            temps = {k: jax.jit(f).lower(values, others, x, mask, rel).compile()
-                     .memory_analysis().temp_size_in_bytes / 2**20 for k, f in variants.items()}
         print(f"{name}: " + ", ".join(f"{k} {m:.2f} ({m / base:.2f}x)" for k, m in medians.items()))
-        print("    faults/call: " + ", ".join(
-            f"{k} {faults[k] / args.repeats:.0f}" for k in calls)
-            + ("; XLA temporaries MiB: " + ", ".join(f"{k} {t:.0f}" for k, t in temps.items())
-               if temps else ""))
+        print("    faults/call: " + ", ".join(f"{k} {n:.0f}" for k, n in faults.items())
+              + ("; XLA temporaries MiB: " + ", ".join(f"{k} {t:.0f}" for k, t in temps.items())
+                 if temps else ""))
     return 0
 
 
