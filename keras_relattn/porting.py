@@ -90,6 +90,7 @@ def _unused_grouped_linear(prefix, layer):
     term of the layer's `mode` reads (say `mode=("c2c",)`): our layer does
     not create it. Loading checks its shapes and drops it (it changes no
     output); exporting writes zeros, so that edspdf's strict loading finds it.
+    Never for an alias of a projection the layer has (see `_attention_entries`).
     """
     coords = layer.n_coordinates
     n_in = layer.position_embedding_shape[1] // coords
@@ -131,10 +132,14 @@ def _attention_entries(layer, prefix=""):
             _identity(layer.position_embedding, prefix + "position_embedding")
         )
     if layer.position_embedding_shape is not None:
-        for name, dense in (
-            ("position_key_proj", layer.position_key_projection),
-            ("position_query_proj", layer.position_query_projection),
-        ):
+        key, query = layer.position_key_projection, layer.position_query_projection
+        if layer.same_key_query_proj or layer.same_positional_key_query_proj:
+            # edspdf registers one module under both names, and a strict
+            # load copies each name into it: both must carry the one shared
+            # tensor (zeros under an alias would overwrite it). The layer
+            # holds it as its keys' projection, whichever term reads it.
+            query = key
+        for name, dense in (("position_key_proj", key), ("position_query_proj", query)):
             if dense is None:
                 entries += _unused_grouped_linear(prefix + name, layer)
             else:
