@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_relattn import _checks
+from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.positions import box_relative_positions
 from keras_relattn.transformer import RelativeTransformerLayer, serialize_activation
 
@@ -11,7 +12,7 @@ BOX_KEYS = ("xmin", "ymin", "xmax", "ymax", "width", "height")
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
-class BoxTransformer(keras.layers.Layer):
+class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
     """A stack of `RelativeTransformerLayer`s over the text boxes of pages.
 
     The equivalent of edspdf's `BoxTransformerModule`: a learnt empty

@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from keras_relattn import _checks, _kernels
+from keras_relattn._calling import KeywordCallArguments
 from keras_relattn._checks import MODES
 from keras_relattn._projection import ArrayInitializer, Projection
 
@@ -28,7 +29,7 @@ _CALL_ARGUMENTS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
-class RelativeAttention(keras.layers.Layer):
+class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
     """Disentangled relative self/cross attention (edspdf / DeBERTa style).
 
     The attention logit between query `i` and key `j` on head `h` is

@@ -5,6 +5,7 @@ import keras
 from keras import ops
 
 from keras_relattn import _checks, _kernels
+from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.relative_attention import RelativeAttention
 
 
@@ -68,7 +69,7 @@ def serialize_activation(activation):
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
-class RelativeTransformerLayer(keras.layers.Layer):
+class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
     """Relative self attention and a feed-forward block, with gated residuals.
 
     The equivalent of edspdf's `BoxTransformerLayer`:

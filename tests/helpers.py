@@ -47,31 +47,60 @@ def gradients(layer, loss_fn, inputs):
     """Gradients of `loss_fn(layer(**inputs))` w.r.t. the queries, then each
     trainable weight, as numpy arrays, on any backend (`loss_fn` uses
     `keras.ops` and returns a scalar)."""
-    inputs = dict(inputs)
-    q = keras.ops.convert_to_tensor(inputs.pop("content_queries"))
+    of_inputs, of_weights = input_and_weight_gradients(layer, loss_fn, inputs)
+    return [of_inputs["content_queries"]] + of_weights
+
+
+def input_and_weight_gradients(layer, loss_fn, inputs, wrt=("content_queries",),
+                               compiled=False):
+    """Gradients of `loss_fn(layer(**inputs))` w.r.t. the inputs named in
+    `wrt` (a dict by name) and each trainable weight (a list), as numpy
+    arrays (zeros where the loss does not depend on it), on any backend.
+    `compiled`: under `jax.jit`, `tf.function(jit_compile=True)` or
+    `torch.compile`; the other inputs stay NumPy constants of that call."""
+    fixed = {k: v for k, v in inputs.items() if k not in wrt}
+    xs = [keras.ops.convert_to_tensor(inputs[k]) for k in wrt]
     weights = layer.trainable_weights
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        with tf.GradientTape() as tape:
-            tape.watch(q)
-            loss = loss_fn(layer(q, **inputs))
-        grads = tape.gradient(loss, [q] + [w.value for w in weights])
+        def step(*xs):
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                loss = loss_fn(layer(**fixed, **dict(zip(wrt, xs))))
+            return tape.gradient(loss, list(xs) + [w.value for w in weights])
+
+        grads = (tf.function(step, jit_compile=True) if compiled else step)(*xs)
     elif BACKEND == "jax":
         import jax
 
-        def loss_of(q, values):
+        def loss_of(xs, trainable, non_trainable):
             out = layer.stateless_call(
-                values, [w.value for w in layer.non_trainable_variables], q, **inputs
+                trainable, non_trainable, **fixed, **dict(zip(wrt, xs))
             )[0]
             return loss_fn(out)
 
-        gq, gw = jax.grad(loss_of, argnums=(0, 1))(q, [w.value for w in weights])
-        grads = [gq] + list(gw)
+        grad = jax.grad(loss_of, argnums=(0, 1))
+        gx, gw = (jax.jit(grad) if compiled else grad)(
+            xs, [w.value for w in weights], [w.value for w in layer.non_trainable_variables]
+        )
+        grads = list(gx) + list(gw)
     else:
-        q.requires_grad_(True)
+        import torch
+
+        for x in xs:
+            x.requires_grad_(True)
         for w in weights:
             w.value.grad = None
-        loss_fn(layer(q, **inputs)).backward()
-        grads = [q.grad] + [w.value.grad for w in weights]
-    return [to_numpy(g) for g in grads]
+
+        def loss_of(*xs):
+            return loss_fn(layer(**fixed, **dict(zip(wrt, xs))))
+
+        (torch.compile(loss_of) if compiled else loss_of)(*xs).backward()
+        grads = [x.grad for x in xs] + [w.value.grad for w in weights]
+    targets = xs + [w.value for w in weights]
+    grads = [
+        np.zeros(tuple(t.shape), "float32") if g is None else to_numpy(g)
+        for g, t in zip(grads, targets)
+    ]
+    return dict(zip(wrt, grads[: len(wrt)])), grads[len(wrt):]

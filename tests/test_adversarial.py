@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import BACKEND, edspdf_module, run_edspdf, to_numpy
+from helpers import BACKEND, edspdf_module, input_and_weight_gradients, run_edspdf, to_numpy
 from keras_relattn import (
     RelativeAttention,
     RelativeTransformerLayer,
@@ -387,3 +387,191 @@ def test_fuzz_configurations_cover_every_mode_and_coordinate_count():
     assert seen_modes == {"c2c", "c2p", "p2c"}
     assert seen_coords == {1, 2, 3}
 
+
+
+# The fuzz, called as edspdf's forward is called -------------------------------
+
+# edspdf's `forward` order: every input may come by position.
+CALL_ORDER = (
+    "content_queries", "content_keys", "content_values", "mask", "relative_positions",
+    "no_position_mask", "base_attn",
+)
+
+
+def mixed_types(inputs, rng):
+    """Each given input a NumPy array or a backend tensor, at random (often
+    a single tensor among arrays, the case Keras treats apart)."""
+    return {
+        k: keras.ops.convert_to_tensor(np.asarray(v)) if v is not None and rng.random() < 0.3
+        else v
+        for k, v in inputs.items()
+    }
+
+
+def by_position(inputs):
+    """The inputs in edspdf's order, up to the last given one, None between."""
+    values = [inputs[name] for name in CALL_ORDER]
+    last = max(i for i, v in enumerate(values) if v is not None)
+    return values[: last + 1]
+
+
+def compiled_positional_call(layer, inputs, rng):
+    """Called by position under the backend's compiler, some inputs traced
+    and the others NumPy constants of the compiled function."""
+    given = [name for name in CALL_ORDER if inputs[name] is not None]
+    traced = [name for name in given if rng.random() < 0.5] or given[-1:]
+    tensors = [keras.ops.convert_to_tensor(np.asarray(inputs[name])) for name in traced]
+
+    def arguments(tensors):
+        return by_position({**inputs, **dict(zip(traced, tensors))})
+
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(
+            lambda t, n, *a: layer.stateless_call(t, n, *arguments(a))[0]
+        )(
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
+            *tensors,
+        )
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda *a: layer(*arguments(a)), jit_compile=True)(*tensors)
+    return layer(*arguments(tensors))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configurations_called_by_position_with_mixed_types(seed):
+    """`layer(q, k, None, None, positions)` with NumPy `q`, `k` and a tensor
+    `positions` raised "multiple values for argument 'mask'" (Keras fills
+    `mask` from a call's only tensor)."""
+    rng = np.random.default_rng([20261201, seed])
+    size, n_heads, table, ctor, inputs = random_configuration(rng)
+    module = edspdf_module(rng, size, n_heads, table=table, **ctor)
+    layer = RelativeAttention(size, n_heads, position_embedding=table, **ctor)
+    load_edspdf_state_dict(layer, module.state_dict())
+    if rng.random() < 0.5:  # None between given inputs; edspdf needs a mask
+        inputs["mask"] = None
+        batch, n_keys = inputs["content_values"].shape[:2]
+        expected = edspdf_outputs(module, {**inputs, "mask": np.ones((batch, n_keys), bool)})
+    else:
+        expected = edspdf_outputs(module, inputs)
+    assert_outputs_close(layer(*by_position(mixed_types(inputs, rng))), expected)
+    assert_outputs_close(layer(**mixed_types(inputs, rng)), expected)
+    assert_outputs_close(compiled_positional_call(layer, inputs, rng), expected)
+
+
+def test_the_reported_positional_calls():
+    """The issue's own calls: the only tensor is `positions`, `mask` is a
+    positional None."""
+    rng = np.random.default_rng(19)
+    table = rng.normal(size=(9, 8)).astype("float32")
+    module = edspdf_module(rng, 8, 2, table=table)
+    layer = load_edspdf_state_dict(
+        RelativeAttention(8, 2, position_embedding=table), module.state_dict()
+    )
+    q, k = (rng.normal(size=(2, 3, 8)).astype("float32") for _ in range(2))
+    positions = rng.integers(-4, 5, size=(2, 3, 3, 1))
+    tensor = keras.ops.convert_to_tensor(positions)
+    everything = dict(content_queries=q, content_keys=k, relative_positions=positions)
+    assert_outputs_close(layer(q, k, None, None, tensor), edspdf_outputs(module, everything))
+    everything.update(content_values=k, mask=np.ones((2, 3), bool))
+    assert_outputs_close(layer(q, k, k, None, tensor), edspdf_outputs(module, everything))
+    with pytest.raises(TypeError, match="multiple values for argument 'mask'"):
+        layer(q, k, k, None, mask=None)
+
+
+# Gradients against edspdf's autograd ---------------------------------------------
+
+FLOAT_INPUTS = ("content_queries", "content_keys", "content_values", "base_attn")
+
+
+def edspdf_gradients(module, inputs, wrt, probes):
+    """edspdf's autograd: the gradients of `sum(output * probe)` w.r.t. the
+    float inputs `wrt` and every parameter (by every name it has)."""
+    tensors = {
+        k: None if v is None else torch.as_tensor(np.asarray(v)) for k, v in inputs.items()
+    }
+    if tensors["relative_positions"] is not None:
+        tensors["relative_positions"] = tensors["relative_positions"].long()
+    tensors["mask"] = tensors["mask"].bool()
+    for name in wrt:
+        tensors[name] = tensors[name].clone().requires_grad_(True)
+    module.zero_grad()
+    outputs = module(**tensors)
+    loss = sum((out * torch.as_tensor(p)).sum() for out, p in zip(outputs, probes))
+    loss.backward()
+    of_inputs = {name: tensors[name].grad.numpy() for name in wrt}
+    of_parameters = {
+        name: None if p.grad is None else p.grad.numpy()
+        for name, p in module.named_parameters(remove_duplicate=False)
+    }
+    return of_inputs, of_parameters
+
+
+def assert_gradients_close(ours, theirs, name):
+    theirs = np.zeros_like(ours) if theirs is None else theirs
+    scale = max(1.0, float(np.abs(theirs).max()))
+    np.testing.assert_allclose(ours, theirs, atol=2e-4 * scale, rtol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("return_logits", [True, False], ids=["full", "pooled_only"])
+@pytest.mark.parametrize("seed", range(10))
+def test_random_configuration_gradients_match_edspdf_autograd(seed, return_logits):
+    """Every parameter (by its edspdf names, the table when trainable) and
+    every float input, eager and compiled (torch.compile on two seeds: each
+    compile takes seconds)."""
+    from keras_relattn.porting import _entries
+
+    rng = np.random.default_rng([20261202, seed])
+    size, n_heads, table, ctor, inputs = random_configuration(rng)
+    trainable_table = table is not None and bool(rng.random() < 0.5)
+    module = edspdf_module(rng, size, n_heads, table=table, trainable_table=trainable_table,
+                           **ctor)
+    layer = RelativeAttention(size, n_heads, position_embedding=table,
+                              position_embedding_trainable=trainable_table, **ctor)
+    load_edspdf_state_dict(layer, module.state_dict())
+    wrt = [name for name in FLOAT_INPUTS if inputs[name] is not None]
+    pooled_shape, logits_shape = (o.shape for o in edspdf_outputs(module, inputs))
+    probes = [rng.normal(size=pooled_shape).astype("float32")]
+    if return_logits:
+        probes.append(rng.normal(size=logits_shape).astype("float32"))
+    theirs_inputs, theirs_parameters = edspdf_gradients(module, inputs, wrt, probes)
+
+    def loss_fn(outputs):
+        outputs = outputs if return_logits else (outputs,)
+        return sum(keras.ops.sum(o * keras.ops.convert_to_tensor(p)) for o, p in zip(outputs, probes))
+
+    compiled_runs = [False] + ([True] if BACKEND != "torch" or seed < 2 else [])
+    for compiled in compiled_runs:
+        ours_inputs, ours_weights = input_and_weight_gradients(
+            layer, loss_fn, dict(inputs, return_logits=return_logits), wrt, compiled
+        )
+        for name in wrt:
+            assert_gradients_close(ours_inputs[name], theirs_inputs[name], name)
+        by_variable = {id(w): g for w, g in zip(layer.trainable_weights, ours_weights)}
+        checked = set()
+        for entry in _entries(layer):
+            checked.add(entry.name)
+            if entry.variable is None:  # a projection no term reads: edspdf's gets none
+                assert theirs_parameters[entry.name] is None or not theirs_parameters[
+                    entry.name].any(), entry.name
+                continue
+            if not entry.variable.trainable:  # the table as a buffer
+                assert entry.name not in theirs_parameters
+                checked.discard(entry.name)
+                continue
+            grad = entry.to_edspdf(by_variable[id(entry.variable)])
+            assert_gradients_close(grad, theirs_parameters[entry.name], entry.name)
+        assert checked == set(theirs_parameters), (checked, set(theirs_parameters))
+
+
+def test_transformer_layer_called_by_position_with_a_none_mask(rng):
+    """`RelativeTransformerLayer(...)(x, None)`: the same Keras fill of
+    `mask` from the only tensor raised "multiple values for argument 'mask'"."""
+    layer = RelativeTransformerLayer(8, 2)
+    x = keras.ops.convert_to_tensor(rng.normal(size=(2, 3, 8)).astype("float32"))
+    for got, want in zip(layer(x, None), layer(x)):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
