@@ -342,13 +342,56 @@ def position_logits(
     return terms.logits()
 
 
+class BlockRows:
+    """The queries of one block in a loop over equal blocks (`recomputed_blocks`):
+    `size` rows from `start`, a traced integer. Read wherever a `slice` of
+    rows is (`take_rows`, `PositionTerms.logits`, `_blockwise.keep_mask`)."""
+
+    def __init__(self, start, size):
+        self.start = start
+        self.size = size
+
+
 def take_rows(x, axis, rows):
-    """`x`'s queries axis (`axis`) sliced to `rows`, unless it has size 1
-    (it broadcasts)."""
+    """`x`'s queries axis (`axis`) sliced to `rows` (a `slice` or
+    `BlockRows`), unless it has size 1 (it broadcasts)."""
     size = x.shape[axis]
-    if rows == slice(None) or (isinstance(size, int) and size == 1):
+    if isinstance(size, int) and size == 1:
+        return x
+    if isinstance(rows, BlockRows):
+        start = [0] * len(x.shape)
+        start[axis] = rows.start
+        shape = list(x.shape)
+        shape[axis] = rows.size
+        return ops.slice(x, start, shape)
+    if rows == slice(None):
         return x
     return x[(slice(None),) * axis + (rows,)]
+
+
+class TokenOffsets:
+    """Relative positions `key - query` formed from per-token coordinates,
+    one block of queries at a time (`rows(...)`): no `(queries, keys)`
+    offsets tensor exists for the whole input.
+
+    Args:
+        query_positions: `(batch or 1, queries, coordinates)` integers.
+        key_positions: `(batch or 1, keys, coordinates)` integers.
+
+    Coordinates are taken as int32 (their low 32 bits) and subtracted in
+    wrapping int32 arithmetic, which is exact whenever the offset itself
+    fits int32 (coordinates of any integer dtype, within 2**31 of each
+    other); `table_index` then clamps the offset to the table.
+    """
+
+    def __init__(self, query_positions, key_positions):
+        self.query = ops.cast(query_positions, "int32")
+        self.key = ops.cast(key_positions, "int32")
+
+    def rows(self, rows=slice(None)):
+        """`(batch or 1, rows, keys, coordinates)` offsets."""
+        query = take_rows(self.query, 1, rows)
+        return self.key[:, None, :, :] - query[:, :, None, :]
 
 
 class PositionTerms:
@@ -361,9 +404,9 @@ class PositionTerms:
         pos_q, pos_k: `(n_positions, coordinates, heads, chunk)` or None
             (term not computed); `pos_q` scaled.
         relative_positions: `(batch or 1, queries or 1, keys or 1,
-            coordinates)` integer offsets, any dtype; turned into table rows
-            (`table_index`) block by block, so that no whole-input index
-            exists at once.
+            coordinates)` integer offsets, any dtype, or a `TokenOffsets`
+            (per-token coordinates); turned into table rows (`table_index`)
+            block by block, so that no whole-input index exists at once.
         no_position_mask: optional bool or 0/1 `(batch or 1, queries or 1,
             keys or 1)`: True zeroes both terms of that pair.
         layout: `"head_major"` or `"rows"` (see the module docstring); by
@@ -406,11 +449,13 @@ class PositionTerms:
         )
         self.batch, self.n_queries = ops.shape(q)[0], ops.shape(q)[1]
         self.n_keys = ops.shape(k)[1]
-        # Sizes of 1 broadcast over queries and keys (as in edspdf).
-        self.offsets = ops.broadcast_to(
-            relative_positions,
-            (ops.shape(relative_positions)[0], self.n_queries, self.n_keys, self.coords),
-        )
+        if isinstance(relative_positions, TokenOffsets):
+            self.offsets = relative_positions
+        else:  # sizes of 1 broadcast over queries and keys (as in edspdf)
+            self.offsets = ops.broadcast_to(
+                relative_positions,
+                (ops.shape(relative_positions)[0], self.n_queries, self.n_keys, self.coords),
+            )
         backend = keras.backend.backend()
         fits = flat_index_fits(self.batch, self.n_queries, self.n_positions) and (
             flat_index_fits(self.batch, self.n_keys, self.n_positions)
@@ -439,6 +484,22 @@ class PositionTerms:
             for x in range(self.coords)
         ]
 
+    def score_tensors(self):
+        """The table scores, flat: what a recomputed block differentiates."""
+        return [scores for pair in self.scores for scores in pair if scores is not None]
+
+    def with_scores(self, tensors):
+        """These terms, reading `tensors` (listed as `score_tensors()` lists
+        them) as their table scores."""
+        tensors = iter(tensors)
+        copy = object.__new__(PositionTerms)
+        copy.__dict__.update(self.__dict__)
+        copy.scores = [
+            tuple(None if scores is None else next(tensors) for scores in pair)
+            for pair in self.scores
+        ]
+        return copy
+
     def _scores(self, x, table, term):
         """`x` `(batch, length, heads, chunk)` against `table` `(P, heads,
         chunk)`, laid out for this gather."""
@@ -458,7 +519,10 @@ class PositionTerms:
         `reuse` (torch, no autograd): gather every term after the first into
         one spare buffer and add it in place; zero the masked pairs in place.
         """
-        offsets = self.offsets if rows == slice(None) else self.offsets[:, rows]
+        if isinstance(self.offsets, TokenOffsets):
+            offsets = self.offsets.rows(rows)
+        else:
+            offsets = take_rows(self.offsets, 1, rows)
         index = table_index(offsets, self.n_positions)
         total = spare = None
         for x, (c2p, p2c) in enumerate(self.scores):
@@ -490,8 +554,7 @@ class PositionTerms:
             return torch.gather(scores, 3 if term == "c2p" else 2, idx, out=out)
         if self.gather == "per_row":
             if term == "c2p":  # rows are queries: (b, q, h, P) -> (b, q, h, k)
-                if rows != slice(None):
-                    scores = scores[:, rows]
+                scores = take_rows(scores, 1, rows)
                 taken = ops.take_along_axis(scores, ops.expand_dims(idx, 2), axis=3)
                 return ops.transpose(taken, (0, 1, 3, 2) if self.heads_last else (0, 2, 1, 3))
             # rows are keys: (b, k, h, P) -> (b, k, h, q)
@@ -505,7 +568,7 @@ class PositionTerms:
         n_rows = ops.shape(idx)[1]
         b = ops.arange(self.batch, dtype=dtype)[:, None, None]
         if term == "c2p":
-            first = 0 if rows.start is None else rows.start
+            first = 0 if rows.start is None else rows.start  # traced in `recomputed_blocks`
             row = ops.arange(n_rows, dtype=dtype)[None, :, None] + first
             base = (b * self.n_queries + row) * self.n_positions
         else:
@@ -574,3 +637,129 @@ def inference_pooling(c2c_q, c2c_k, positions, rows, extra, attend, values,
     logits.sub_(logits.amax(-1, keepdim=True)).exp_()
     logits.div_(logits.sum(-1, keepdim=True))
     return torch.matmul(logits, values.transpose(1, 2)).transpose(1, 2)
+
+
+def checkpoint(fn, tensors):
+    """`fn(*tensors)`, whose intermediates the backward pass recomputes
+    instead of keeping: the backend's own checkpointing (`jax.checkpoint`,
+    `tf.recompute_grad`, `torch.utils.checkpoint`).
+
+    The pooled path runs each block of queries through it when there are
+    several: autodiff then keeps each block's inputs and output, not its
+    `(batch, heads, rows, keys)` logits and softmax, and the backward
+    recomputes one block at a time. `fn` must compute the same numbers when
+    called again (no stateful random draw inside: see
+    `_blockwise.keep_mask`), and read every tensor it differentiates from
+    its arguments (`tf.recompute_grad` sends no gradient to a closure).
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.checkpoint(fn)(*tensors)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.recompute_grad(fn)(*tensors)
+    if backend == "torch":
+        import torch
+
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+            return torch_checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)
+
+
+def recomputed_blocks(fn, blocks, tensors):
+    """`fn(rows, *tensors)` for each block of queries (`slice`s, in order),
+    concatenated on axis 1, each block recomputed in the backward pass
+    inside one loop: or None where the backend has no such loop (the caller
+    then runs a Python loop of `checkpoint`s).
+
+    - JAX: `lax.map` of `jax.checkpoint(fn)` over the equal blocks (their
+      rows a traced `BlockRows`), the last one apart if shorter. A Python
+      loop of checkpoints leaves XLA free to schedule every block's
+      recomputation at once (4.1 GiB of temporaries at 8192 tokens under
+      `jax.jit`); a loop's iterations run one after the other.
+    - torch (eager, gradients recorded): one `autograd.Function` whose
+      backward recomputes one block at a time and adds its gradients in
+      place into buffers allocated once (`_RecomputedBlocks`).
+    """
+    backend = keras.backend.backend()
+    size = blocks[0].stop - blocks[0].start
+    if backend == "jax":
+        import jax
+
+        n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
+        starts = ops.arange(n_equal, dtype="int32") * size
+        looped = jax.lax.map(
+            jax.checkpoint(lambda start: fn(BlockRows(start, size), *tensors)), starts
+        )  # (blocks, batch, rows, ...)
+        looped = ops.swapaxes(looped, 0, 1)
+        shape = tuple(looped.shape)
+        done = [ops.reshape(looped, (shape[0], n_equal * size) + shape[3:])]
+        for rows in blocks[n_equal:]:
+            done.append(checkpoint(lambda *t, rows=rows: fn(rows, *t), tensors))
+        return done[0] if len(done) == 1 else ops.concatenate(done, 1)
+    if backend == "torch":
+        import torch
+
+        if torch.compiler.is_compiling() or not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            return None
+        return _recomputed_blocks_function().apply(fn, blocks, *tensors)
+    return None
+
+
+_RECOMPUTED_BLOCKS = []
+
+
+def _recomputed_blocks_function():
+    """The torch `autograd.Function` of `recomputed_blocks` (made once)."""
+    if _RECOMPUTED_BLOCKS:
+        return _RECOMPUTED_BLOCKS[0]
+    import torch
+
+    class RecomputedBlocks(torch.autograd.Function):
+        """Forward: every block, nothing kept but the inputs. Backward: per
+        block, its forward again and `autograd.grad`, the gradients added
+        in place into one buffer per input (FlashAttention-2's order)."""
+
+        @staticmethod
+        def forward(ctx, fn, blocks, *tensors):
+            ctx.fn, ctx.blocks = fn, blocks
+            ctx.save_for_backward(*tensors)
+            # Each block written into one output made once: a small block
+            # output kept between the blocks' large temporaries would pin
+            # glibc's heap, which then grows by a block at every block.
+            first = fn(blocks[0], *tensors)
+            n_queries = blocks[-1].stop
+            pooled = first.new_empty((first.shape[0], n_queries) + tuple(first.shape[2:]))
+            pooled[:, blocks[0]] = first
+            del first
+            for rows in blocks[1:]:
+                pooled[:, rows] = fn(rows, *tensors)
+            return pooled
+
+        @staticmethod
+        def backward(ctx, grad):
+            tensors = ctx.saved_tensors
+            wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[2 + i]]
+            sums = {i: torch.zeros_like(tensors[i]) for i in wanted}
+            for rows in ctx.blocks:
+                with torch.enable_grad():
+                    inputs = [t.detach().requires_grad_(i in sums) for i, t in enumerate(tensors)]
+                    out = ctx.fn(rows, *inputs)
+                    grads = torch.autograd.grad(
+                        out, [inputs[i] for i in wanted], grad[:, rows], allow_unused=True
+                    )
+                for i, g in zip(wanted, grads):
+                    if g is not None:
+                        sums[i].add_(g)
+                del out, inputs, grads
+            return (None, None, *(sums.get(i) for i in range(len(tensors))))
+
+    _RECOMPUTED_BLOCKS.append(RecomputedBlocks)
+    return RecomputedBlocks

@@ -1,8 +1,11 @@
 """Relative positions for `RelativeAttention`, written with `keras.ops`.
 
-Every helper returns *key minus query* offsets, the sign convention of
-edspdf's box positions, shaped `(batch or 1, n_queries, n_keys,
-n_coordinates)` so that the result feeds `relative_positions` directly.
+The `*_relative_positions` helpers return *key minus query* offsets, the
+sign convention of edspdf's box positions, shaped `(batch or 1, n_queries,
+n_keys, n_coordinates)` so that the result feeds `relative_positions`
+directly. `sequence_positions` and `grid_positions` return each token's
+coordinates, `(1, length, n_coordinates)`, for `query_positions` /
+`key_positions`: the layer then forms the offsets block by block.
 They run on every backend and inside models (on symbolic tensors too).
 """
 
@@ -72,6 +75,62 @@ def grid_relative_positions(height, width):
     dx = cols[None, :] - cols[:, None]
     dy = rows[None, :] - rows[:, None]
     return ops.stack([dx, dy], axis=-1)[None]
+
+
+def sequence_positions(length):
+    """Each token's coordinate in a 1-D sequence: its index.
+
+    The per-token form of `sequence_relative_positions`: pass it as
+    `query_positions` (and `key_positions`) and the layer forms the offsets
+    block by block, never a `(length, length)` tensor.
+
+    Args:
+        length: int or scalar tensor, number of tokens.
+
+    Returns:
+        int32 tensor `(1, length, 1)`; one tensor serves the whole batch.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_relattn.positions import sequence_positions
+    >>> keras.ops.convert_to_numpy(sequence_positions(3))[0, :, 0].tolist()
+    [0, 1, 2]
+
+    References:
+        - Su et al., "RoFormer: Enhanced Transformer with Rotary Position
+          Embedding", 2021 (positions given per token, not per pair).
+    """
+    return ops.arange(length, dtype="int32")[None, :, None]
+
+
+def grid_positions(height, width):
+    """Each patch's coordinates in a `height x width` grid (row-major).
+
+    The per-token form of `grid_relative_positions`: coordinate 0 is the
+    column (x), coordinate 1 the row (y), so that `key - query` gives the
+    same offsets.
+
+    Args:
+        height: int, rows of the grid.
+        width: int, columns of the grid.
+
+    Returns:
+        int32 tensor `(1, height * width, 2)`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_relattn.positions import grid_positions
+    >>> keras.ops.convert_to_numpy(grid_positions(2, 3))[0].tolist()
+    [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
+
+    References:
+        - Wu et al., "Rethinking and Improving Relative Position Encoding
+          for Vision Transformer", ICCV 2021 (2-D relative positions).
+    """
+    index = ops.arange(height * width, dtype="int32")
+    return ops.stack([index % width, index // width], axis=-1)[None]
 
 
 def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):

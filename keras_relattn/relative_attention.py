@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _checks, _kernels
+from keras_relattn import _blockwise, _checks, _kernels
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn._checks import MODES
 from keras_relattn._projection import ArrayInitializer, Projection
@@ -21,11 +21,15 @@ MASKED_LOGIT = -10000.0
 # The call arguments besides the three inputs that `_check_call_inputs` checks.
 _CHECKED_CALL_ARGUMENTS = (
     "mask", "relative_positions", "no_position_mask", "base_attn", "position_embedding",
+    "query_positions", "key_positions",
 )
-# `call`'s leading arguments, in order: the ones the layer converts itself.
+# The call arguments the layer converts itself.
 _CALL_ARGUMENTS = (
     "content_queries", "content_keys", "content_values", *_CHECKED_CALL_ARGUMENTS,
 )
+# Converted integer inputs whose 64-bit values are clamped first (see
+# `_convert_input`).
+_OFFSET_ARGUMENTS = ("relative_positions",)
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -130,10 +134,22 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             fast way to run a stack that never reads the logits. It computes
             only the pooling heads and, for long inputs, works through blocks
             of queries, so no `(batch, heads, queries, keys)` tensor is held
-            for the whole input.
+            for the whole input; in training each block is recomputed in the
+            backward pass (FlashAttention-2's scheme), so no such tensor is
+            kept for it either.
         position_embedding: optional `(n_positions, position_size)` tensor
             used instead of the layer's own table, e.g. the output of a
             `keras_relattn.PositionTable` shared by several layers.
+        query_positions: integer tensor `(batch or 1, n_queries,
+            n_coordinates)`, each query's coordinates, with `key_positions`
+            `(batch or 1, n_keys, n_coordinates)`, instead of
+            `relative_positions`: the layer forms the offsets `key -
+            query` block by block, so no `(n_queries, n_keys)` positions
+            tensor is ever needed (`keras_relattn.positions.
+            sequence_positions`, `grid_positions`). In self attention
+            `key_positions` defaults to `query_positions`. Offsets must fit
+            int32 (coordinates within 2**31 of each other).
+        key_positions: see `query_positions`.
         content_queries_mask, content_keys_mask, content_values_mask: Keras
             masks `(batch, length)`, filled in by Keras from the inputs'
             masks; the keys' and values' masks mask keys (in self attention
@@ -462,7 +478,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
     def _check_call_inputs(
         self, queries, keys, values, mask=None, relative_positions=None,
         no_position_mask=None, base_attn=None, position_embedding=None,
-        return_logits=True,
+        query_positions=None, key_positions=None, return_logits=True,
     ):
         if not return_logits and values is None:
             raise ValueError(
@@ -504,20 +520,37 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
                 (None, self.position_embedding_shape[1]),
                 "(n_positions, position_size)",
             )
-        if relative_positions is not None:
+        given = "relative_positions"
+        if query_positions is not None or key_positions is not None:
+            if relative_positions is not None:
+                raise ValueError(
+                    "Pass the positions in one form: `relative_positions` "
+                    "(offsets of every key to every query), or per-token "
+                    "`query_positions` and `key_positions`, not both."
+                )
+            if query_positions is None or key_positions is None:
+                raise ValueError(
+                    "`query_positions` and `key_positions` go together (when "
+                    "the keys are the queries, `key_positions` defaults to "
+                    "`query_positions`); got only "
+                    f"`{'key' if query_positions is None else 'query'}_positions`."
+                )
+            given = "query_positions"
+        if relative_positions is not None or query_positions is not None:
             if positional and self.position_embedding_shape is None:
                 raise ValueError(
-                    "`relative_positions` was given but the layer has no "
+                    f"`{given}` was given but the layer has no "
                     "position table: pass `position_embedding` to the "
                     "constructor."
                 )
             if positional and not self.owns_table and position_embedding is None:
                 raise ValueError(
-                    "`relative_positions` was given but no table: this layer "
+                    f"`{given}` was given but no table: this layer "
                     "was built with `position_embedding_shape=(None, "
                     f"{self.position_embedding_shape[1]})`, so pass the table "
                     "at call time as `position_embedding=`."
                 )
+        if relative_positions is not None:
             _checks.check_integer("relative_positions", relative_positions)
             _checks.check_shape(
                 "relative_positions", _checks.shape_of(relative_positions),
@@ -525,10 +558,25 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
                 "(batch or 1, n_queries, n_keys, n_coordinates)",
                 broadcast=(0, 1, 2),
             )
+        elif query_positions is not None:
+            for name, tokens, length in (
+                ("query_positions", query_positions, n_queries),
+                ("key_positions", key_positions, n_keys),
+            ):
+                if tokens is None:
+                    continue
+                _checks.check_integer(name, tokens)
+                _checks.check_shape(
+                    name, _checks.shape_of(tokens), (batch, length, self.n_coordinates),
+                    f"(batch or 1, {'n_queries' if name[0] == 'q' else 'n_keys'}, "
+                    "n_coordinates)",
+                    broadcast=(0,),
+                )
         elif "c2c" not in self.mode:
             raise ValueError(
-                f"`mode={self.mode}` needs `relative_positions`: without "
-                "them no attention term can be computed."
+                f"`mode={self.mode}` needs `relative_positions` (or "
+                "`query_positions` and `key_positions`): without them no "
+                "attention term can be computed."
             )
 
     # ------------------------------------------------------------- call
@@ -544,25 +592,36 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         position_embedding=None,
         training=None,
         return_logits=True,
+        query_positions=None,
+        key_positions=None,
         content_queries_mask=None,
         content_keys_mask=None,
         content_values_mask=None,
     ):
-        queries, keys, values, mask, relative_positions, no_position_mask, base_attn, table = (
+        key_positions = _default_key_positions(
+            content_queries, content_keys, query_positions, key_positions
+        )
+        (
+            queries, keys, values, mask, relative_positions, no_position_mask, base_attn,
+            table, query_positions, key_positions,
+        ) = (
             self._convert_input(name, value) for name, value in zip(_CALL_ARGUMENTS, (
                 content_queries, content_keys, content_values, mask, relative_positions,
-                no_position_mask, base_attn, position_embedding,
+                no_position_mask, base_attn, position_embedding, query_positions,
+                key_positions,
             ))
         )
         self._check_call_inputs(
             queries, keys, values, mask, relative_positions, no_position_mask, base_attn,
-            table, return_logits=return_logits,
+            table, query_positions, key_positions, return_logits=return_logits,
         )
         key_mask = content_queries_mask if keys is None else content_keys_mask
         keys = queries if keys is None else keys
         if self._statically_empty(queries, keys):
             return self._empty_outputs(queries, keys, values, return_logits)
         attend = self._combine_masks(mask, key_mask, content_values_mask)
+        if query_positions is not None:  # offsets formed block by block
+            relative_positions = _kernels.TokenOffsets(query_positions, key_positions)
         use_positions = relative_positions is not None and self._has_position_terms
         scale = self._logit_scale(use_positions)
 
@@ -594,7 +653,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             if value.dtype == np.float64:
                 value = value.astype("float32")
         if (
-            name == "relative_positions"
+            name in _OFFSET_ARGUMENTS
             and isinstance(value, np.ndarray)
             and value.dtype.kind in "iu"
             and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
@@ -665,12 +724,20 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         values = self.value_projection(self._dropout(values, training))
         return self._merge_heads(self._attend(logits, values, attend, training))
 
-    def _attend(self, logits, values, attend, training):
+    def _attend(self, logits, values, attend, training, seed=None, first_row=0):
+        """Masked float32 softmax, dropout and pooling. With a `seed`, the
+        dropout mask is `_blockwise.keep_mask`'s (the same when a block is
+        recomputed); else the dropout layer's."""
         logits = ops.cast(logits, "float32")
         if attend is not None:
             logits = ops.where(attend, logits, MASKED_LOGIT)
-        weights = _kernels.softmax(logits, axis=-1)
-        weights = self._dropout(ops.cast(weights, self.compute_dtype), training)
+        weights = ops.cast(_kernels.softmax(logits, axis=-1), self.compute_dtype)
+        if seed is None:
+            weights = self._dropout(weights, training)
+        else:
+            rate = self._dropout_layer.rate
+            keep = _blockwise.keep_mask(seed, ops.shape(weights), first_row, rate)
+            weights = ops.where(keep, weights * ops.cast(1.0 / (1.0 - rate), weights.dtype), 0.0)
         return ops.einsum("bhqk,bkhd->bqhd", weights, values)
 
     def _merge_heads(self, pooled):
@@ -686,8 +753,11 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         logits), all in `(batch, heads, queries, keys)`, the layout the
         softmax reads, and over blocks of queries when the inputs are long:
         no `(batch, heads, queries, keys)` tensor is held for the whole input
-        (see `_query_blocks`). Each block follows the full path's rules
+        (see `_blockwise`). Each block follows the full path's rules
         exactly (mask *replaces* logits by -10000, float32 softmax, dropout).
+        With several blocks of a long input, each is recomputed in the
+        backward pass instead of kept (`_kernels.checkpoint`), so training is
+        bounded too.
         """
         first = self.n_additional_heads
         q, k = q[:, :, first:], k[:, :, first:]
@@ -716,28 +786,71 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             position_terms = _kernels.PositionTerms(
                 q, k, pos_q, pos_k, relative_positions, no_position_mask, output="bhqk"
             )
+        blocks = _blockwise.query_blocks(q, k, self.n_heads)
+        recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
+        seed = None
+        if recompute and training and self._dropout_layer is not None:
+            # One draw per call; each block's mask is a function of it.
+            seed = keras.random.randint(
+                (), 0, 2**31 - 1, dtype="int32", seed=self._dropout_layer.seed_generator
+            )
+        tensors = [] if c2c_q is None else [c2c_q, c2c_k]
+        if position_terms is not None:
+            tensors += position_terms.score_tensors()
+        tensors += [values, *extra]
+        pooled_block = self._block_function(c2c_q is not None, position_terms, attend, training,
+                                            seed)
+        if recompute:
+            done = _kernels.recomputed_blocks(pooled_block, blocks, tensors)
+            if done is not None:
+                return self._merge_heads(done)
         pooled = []
-        for rows in _query_blocks(q, k, self.n_heads):
-            block = functools.partial(_kernels.take_rows, axis=2, rows=rows)
-            block_extra = [block(term) for term in extra]
-            block_attend = None if attend is None else block(attend)
-            c2c_rows = None if c2c_q is None else c2c_q[:, rows]
+        for rows in blocks:
             done = None
-            if self._dropout_layer is None or not training:
+            if recompute:
+                done = _kernels.checkpoint(functools.partial(pooled_block, rows), tensors)
+            elif self._dropout_layer is None or not training:
+                block = functools.partial(_kernels.take_rows, axis=2, rows=rows)
                 done = _kernels.inference_pooling(
-                    c2c_rows, c2c_k, position_terms, rows, block_extra, block_attend,
+                    None if c2c_q is None else c2c_q[:, rows], c2c_k, position_terms, rows,
+                    [block(term) for term in extra], None if attend is None else block(attend),
                     values, MASKED_LOGIT,
                 )
             if done is None:
-                terms = []
-                if c2c_rows is not None:
-                    terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_rows, c2c_k))
-                if position_terms is not None:
-                    terms.append(position_terms.logits(rows))
-                logits = _kernels.add_all(terms + block_extra)
-                done = self._attend(logits, values, block_attend, training)
+                done = pooled_block(rows, *tensors)
             pooled.append(done)
         return self._merge_heads(pooled[0] if len(pooled) == 1 else ops.concatenate(pooled, 1))
+
+    def _block_function(self, has_c2c, position_terms, attend, training, seed):
+        """`pooled_block(rows, *tensors)`: one block of queries' logits,
+        masked float32 softmax, dropout and pooling, `(batch, rows, heads,
+        value_head_size)`.
+
+        `tensors` are whole (the block takes its rows): the c2c queries and
+        keys (with c2c), the table scores (`PositionTerms.score_tensors`),
+        the values, then the extra terms. They are what a recomputed block
+        differentiates (`_kernels.checkpoint`, `recomputed_blocks`); the
+        masks and offsets are read in place.
+        """
+        n_c2c = 2 if has_c2c else 0
+        n_scores = 0 if position_terms is None else len(position_terms.score_tensors())
+
+        def pooled_block(rows, *tensors):
+            c2c, scores = tensors[:n_c2c], tensors[n_c2c:n_c2c + n_scores]
+            values, extra = tensors[n_c2c + n_scores], tensors[n_c2c + n_scores + 1:]
+            terms = []
+            if c2c:
+                c2c_q = _kernels.take_rows(c2c[0], 1, rows)
+                terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_q, c2c[1]))
+            if position_terms is not None:
+                terms.append(position_terms.with_scores(scores).logits(rows))
+            terms += [_kernels.take_rows(term, 2, rows) for term in extra]
+            block_attend = None if attend is None else _kernels.take_rows(attend, 2, rows)
+            first_row = 0 if rows.start is None else rows.start
+            return self._attend(_kernels.add_all(terms), values, block_attend, training, seed,
+                                first_row)
+
+        return pooled_block
 
     def _dropout(self, x, training):
         if self._dropout_layer is None:
@@ -802,6 +915,10 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         # Same checks as `call`, so that symbolic models fail when built.
         kwargs.update(zip(_CHECKED_CALL_ARGUMENTS, args))
         return_logits = kwargs.get("return_logits", True)
+        kwargs["key_positions"] = _default_key_positions(
+            content_queries, content_keys, kwargs.get("query_positions"),
+            kwargs.get("key_positions"),
+        )
         self._check_call_inputs(
             content_queries, content_keys, content_values,
             **{name: kwargs.get(name) for name in _CHECKED_CALL_ARGUMENTS},
@@ -880,20 +997,9 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         return config
 
 
-def _query_blocks(q, k, n_heads):
-    """Slices of the queries to pool one after the other.
-
-    One block (all queries) unless the sizes are known and a whole
-    `(batch, heads, queries, keys)` tensor would pass
-    `_kernels.pooling_block_elements()`; never a Python test of a traced
-    size.
-    """
-    batch, n_queries = _checks.shape_of(q)[:2]
-    n_keys = _checks.shape_of(k)[1]
-    if None in (batch, n_queries, n_keys):
-        return [slice(None)]
-    per_query = max(1, batch * n_heads * n_keys)
-    rows = max(1, _kernels.pooling_block_elements() // per_query)
-    if rows >= n_queries:
-        return [slice(None)]
-    return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
+def _default_key_positions(queries, keys, query_positions, key_positions):
+    """`key_positions`, which default to `query_positions` when the keys are
+    the queries (no keys given, or the same tensor)."""
+    if key_positions is None and (keys is None or keys is queries):
+        return query_positions
+    return key_positions

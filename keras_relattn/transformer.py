@@ -113,6 +113,10 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
             embeddings' Keras mask when not given. `None`: all real.
         relative_positions: `(batch or 1, length, length, n_coordinates)`
             int tensor.
+        positions: `(batch or 1, length, n_coordinates)` int tensor, each
+            token's coordinates, instead of `relative_positions`: the
+            attention forms the offsets block by block (see
+            `RelativeAttention`'s `query_positions`).
         no_position_mask: `(batch or 1, length, length)` bool.
         position_embedding: optional shared table for the attention.
         training: bool.
@@ -232,6 +236,7 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         position_embedding=None,
         training=None,
         return_logits=True,
+        positions=None,
         embeds_mask=None,
     ):
         if mask is None:
@@ -239,7 +244,7 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         attended = self.attention(
             embeds, embeds, embeds, mask=mask, relative_positions=relative_positions,
             no_position_mask=no_position_mask, position_embedding=position_embedding,
-            training=training, return_logits=return_logits,
+            training=training, return_logits=return_logits, query_positions=positions,
         )
         update, logits = attended if return_logits else (attended, None)
         gate = ops.cast(self.resweight, self.compute_dtype)

@@ -503,7 +503,11 @@ def edspdf_gradients(module, inputs, wrt, probes):
     outputs = module(**tensors)
     loss = sum((out * torch.as_tensor(p)).sum() for out, p in zip(outputs, probes))
     loss.backward()
-    of_inputs = {name: tensors[name].grad.numpy() for name in wrt}
+    of_inputs = {  # None: the loss does not depend on that input
+        name: np.zeros(tensors[name].shape, "float32") if tensors[name].grad is None
+        else tensors[name].grad.numpy()
+        for name in wrt
+    }
     of_parameters = {
         name: None if p.grad is None else p.grad.numpy()
         for name, p in module.named_parameters(remove_duplicate=False)

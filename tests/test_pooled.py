@@ -7,7 +7,7 @@ import pytest
 
 from helpers import BACKEND, to_numpy
 from keras_relattn import RelativeAttention, RelativeTransformerLayer, _kernels
-from keras_relattn import relative_attention as relative_attention_module
+from keras_relattn import _blockwise
 from parity_cases import CASES, make_case
 
 POOLED_CASES = sorted(name for name, case in CASES.items() if case.values)
@@ -51,12 +51,12 @@ def test_pooled_only_equals_the_full_path(case, blocks, rng):
 def test_blocks_cover_the_queries_once():
     q = np.zeros((2, 10, 4), "float32")
     k = np.zeros((2, 7, 4), "float32")
-    blocks = relative_attention_module._query_blocks(q, k, 3)
+    blocks = _blockwise.query_blocks(q, k, 3)
     assert blocks == [slice(None)]
     original = _kernels.pooling_block_elements
     try:
         _kernels.pooling_block_elements = lambda: 2 * 3 * 7 * 3  # 3 queries
-        blocks = relative_attention_module._query_blocks(q, k, 3)
+        blocks = _blockwise.query_blocks(q, k, 3)
     finally:
         _kernels.pooling_block_elements = original
     covered = [i for s in blocks for i in range(10)[s]]
@@ -66,7 +66,7 @@ def test_blocks_cover_the_queries_once():
 def test_long_inputs_are_pooled_in_blocks():
     """Length 8192, batch 1, 4 heads: no whole (1, 4, 8192, 8192) tensor."""
     q = np.zeros((1, 8192, 4), "float32")
-    blocks = relative_attention_module._query_blocks(q, q, 4)
+    blocks = _blockwise.query_blocks(q, q, 4)
     assert len(blocks) > 1
     rows = blocks[0].stop - blocks[0].start
     assert 4 * rows * 8192 <= _kernels.pooling_block_elements()

@@ -1,0 +1,358 @@
+"""Training at length (issue 18): the pooled path's blocks recomputed in the
+backward pass, and positions given per token.
+
+The blocks are forced small here (`pooling_block_elements`), so that a few
+queries already make several blocks, of lengths that do not divide the
+queries; the benchmark (`benchmarks/long_training.py`) measures the memory.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import BACKEND, edspdf_module, input_and_weight_gradients, to_numpy
+from keras_relattn import (
+    RelativeAttention,
+    _blockwise,
+    RelativeTransformerLayer,
+    _kernels,
+    load_edspdf_state_dict,
+    positions,
+)
+from parity_cases import ALL_MODES
+from test_adversarial import (
+    FLOAT_INPUTS,
+    assert_gradients_close,
+    edspdf_gradients,
+    edspdf_outputs,
+    random_configuration,
+)
+
+FLOAT = ("content_queries", "content_values", "base_attn")
+
+
+def calls_tail(blocks):
+    """1 when the last block is shorter (JAX checkpoints it apart: counted
+    by `checkpoint`)."""
+    return int(blocks[-1].stop - blocks[-1].start != blocks[0].stop - blocks[0].start)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of one or two queries, each recomputed (counted): through
+    `_kernels.recomputed_blocks` (JAX, torch) or `_kernels.checkpoint`."""
+    monkeypatch.setattr(_kernels, "pooling_block_elements", lambda: 2 * 3 * 7 * 2)
+    monkeypatch.setattr(_blockwise, "RECOMPUTE_ELEMENTS", 0)
+    calls = []
+    checkpoint = _kernels.checkpoint
+
+    def counted(fn, tensors):
+        calls.append(len(tensors))
+        return checkpoint(fn, tensors)
+
+    monkeypatch.setattr(_kernels, "checkpoint", counted)
+    recomputed_blocks = _kernels.recomputed_blocks
+
+    def counted_loop(fn, blocks, tensors):
+        done = recomputed_blocks(fn, blocks, tensors)
+        if done is not None:  # JAX's lax.map (its shorter last block is a checkpoint), torch's
+            calls.extend([len(tensors)] * (len(blocks) - (BACKEND == "jax" and calls_tail(blocks))))
+        return done
+
+    monkeypatch.setattr(_kernels, "recomputed_blocks", counted_loop)
+    return calls
+
+
+def pooled_gradients(layer, inputs, probe, return_logits, compiled=False):
+    def loss_fn(out):
+        pooled = out[0] if return_logits else out
+        return keras.ops.sum(pooled * keras.ops.convert_to_tensor(probe))
+
+    wrt = [name for name in FLOAT if inputs.get(name) is not None]
+    return input_and_weight_gradients(
+        layer, loss_fn, dict(inputs, return_logits=return_logits), wrt, compiled
+    )
+
+
+def assert_same_gradients(a, b):
+    (a_inputs, a_weights), (b_inputs, b_weights) = a, b
+    assert a_inputs.keys() == b_inputs.keys()
+    for name in a_inputs:
+        np.testing.assert_allclose(a_inputs[name], b_inputs[name], atol=2e-5, err_msg=name)
+    for i, (x, y) in enumerate(zip(a_weights, b_weights)):
+        np.testing.assert_allclose(x, y, atol=2e-5, err_msg=f"weight {i}")
+
+
+def case_inputs(rng, n_coordinates=2, mask="3d", base=True, npm=True, n_queries=7):
+    """7 queries x 7 keys (blocks of 2 do not divide them), a fully masked row."""
+    x = rng.normal(size=(3, n_queries, 12)).astype("float32")
+    shape = {"2d": (3, n_queries), "3d": (3, n_queries, n_queries),
+             "4d": (3, n_queries, n_queries, 2)}[mask]
+    mask = rng.random(shape) > 0.3
+    mask[0, 1] = False  # a query (or, 2-D, a key) that attends to nothing
+    return dict(
+        content_queries=x, content_keys=x, content_values=x, mask=mask,
+        relative_positions=rng.integers(-6, 7, size=(3, n_queries, n_queries, n_coordinates)),
+        no_position_mask=rng.random((1, n_queries, n_queries)) > 0.7 if npm else None,
+        base_attn=rng.normal(size=(3, n_queries, n_queries, 3)).astype("float32")
+        if base else None,
+    )
+
+
+def make_layer(rng, mode, n_coordinates=2, **ctor):
+    layer = RelativeAttention(
+        12, 2, n_coordinates=n_coordinates, mode=mode, n_additional_heads=1,
+        position_embedding=rng.normal(size=(9, 6 * n_coordinates)).astype("float32"),
+        position_embedding_trainable=True, bias_initializer="random_normal", **ctor,
+    )
+    layer.build()
+    layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
+    return layer
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids="+".join)
+def test_blockwise_gradients_equal_the_full_paths(mode, small_blocks, rng):
+    layer = make_layer(rng, mode)
+    inputs = case_inputs(rng)
+    probe = rng.normal(size=(3, 7, 12)).astype("float32")
+    full = pooled_gradients(layer, inputs, probe, return_logits=True)
+    blockwise = pooled_gradients(layer, inputs, probe, return_logits=False)
+    assert len(small_blocks) == 4  # blocks of 2, 2, 2 and 1 queries, each recomputed
+    assert_same_gradients(blockwise, full)
+
+
+@pytest.mark.parametrize("mask", ["2d", "3d", "4d"])
+@pytest.mark.parametrize("coordinates", [1, 3])
+def test_blockwise_gradients_over_masks_and_coordinates(mask, coordinates, small_blocks, rng):
+    layer = make_layer(rng, ("c2c", "c2p", "p2c"), n_coordinates=coordinates)
+    inputs = case_inputs(rng, n_coordinates=coordinates, mask=mask, base=mask != "2d",
+                         npm=mask == "3d")
+    probe = rng.normal(size=(3, 7, 12)).astype("float32")
+    full = pooled_gradients(layer, inputs, probe, return_logits=True)
+    assert_same_gradients(pooled_gradients(layer, inputs, probe, return_logits=False), full)
+    assert small_blocks
+
+
+def test_blockwise_gradients_compiled(small_blocks, rng):
+    layer = make_layer(rng, ("c2c", "c2p", "p2c"))
+    inputs = case_inputs(rng)
+    probe = rng.normal(size=(3, 7, 12)).astype("float32")
+    full = pooled_gradients(layer, inputs, probe, return_logits=True)
+    assert_same_gradients(
+        pooled_gradients(layer, inputs, probe, return_logits=False, compiled=True), full
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blockwise_gradients_match_edspdf_autograd(seed, small_blocks):
+    """Random configurations (every constructor argument), blocks forced."""
+    from keras_relattn.porting import _entries
+
+    rng = np.random.default_rng([20261203, seed])
+    size, n_heads, table, ctor, inputs = random_configuration(rng)
+    module = edspdf_module(rng, size, n_heads, table=table, **ctor)
+    layer = RelativeAttention(size, n_heads, position_embedding=table, **ctor)
+    load_edspdf_state_dict(layer, module.state_dict())
+    wrt = [name for name in FLOAT_INPUTS if inputs[name] is not None]
+    probe = rng.normal(size=edspdf_outputs(module, inputs)[0].shape).astype("float32")
+    theirs_inputs, theirs_parameters = edspdf_gradients(module, inputs, wrt, [probe])
+    ours_inputs, ours_weights = input_and_weight_gradients(
+        layer, lambda out: keras.ops.sum(out * keras.ops.convert_to_tensor(probe)),
+        dict(inputs, return_logits=False), wrt,
+    )
+    for name in wrt:
+        assert_gradients_close(ours_inputs[name], theirs_inputs[name], name)
+    by_variable = {id(w): g for w, g in zip(layer.trainable_weights, ours_weights)}
+    for entry in _entries(layer):
+        if entry.variable is not None and entry.variable.trainable:
+            grad = entry.to_edspdf(by_variable[id(entry.variable)])
+            assert_gradients_close(grad, theirs_parameters[entry.name], entry.name)
+
+
+def test_recomputed_dropout_draws_the_same_mask(small_blocks, monkeypatch, rng):
+    """The gradient through recomputed blocks equals the one through blocks
+    kept whole, from the same seed state: the mask drawn again in the
+    backward is the forward's."""
+    layer = make_layer(rng, ("c2c", "c2p", "p2c"), dropout_p=0.4, seed=3)
+    inputs = dict(case_inputs(rng), training=True)
+    probe = rng.normal(size=(3, 7, 12)).astype("float32")
+    generators = [g for g in layer._flatten_layers() if hasattr(g, "seed_generator")]
+    states = [keras.ops.convert_to_numpy(g.seed_generator.state) for g in generators]
+    recomputed = pooled_gradients(layer, inputs, probe, return_logits=False)
+    for g, state in zip(generators, states):
+        g.seed_generator.state.assign(state)
+    monkeypatch.setattr(_kernels, "checkpoint", lambda fn, tensors: fn(*tensors))
+    monkeypatch.setattr(_kernels, "recomputed_blocks", lambda fn, blocks, tensors: None)
+    kept = pooled_gradients(layer, inputs, probe, return_logits=False)
+    assert_same_gradients(recomputed, kept)
+    assert np.abs(recomputed[1][0]).max() > 0
+
+
+def test_blockwise_dropout_statistics_match_the_full_path(small_blocks, monkeypatch, rng):
+    monkeypatch.setattr(_kernels, "pooling_block_elements", lambda: 2 * 6 * 2)  # 2 queries
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              dropout_p=0.3, seed=5)
+    x = rng.normal(size=(1, 6, 8)).astype("float32")
+    rp = rng.integers(-4, 5, size=(1, 6, 6, 1))
+    draws = 300
+
+    def run(return_logits):
+        out = layer(x, x, x, relative_positions=rp, training=True, return_logits=return_logits)
+        return to_numpy(out[0] if return_logits else out)
+
+    blockwise = np.stack([run(False) for _ in range(draws)])
+    full = np.stack([run(True) for _ in range(draws)])
+    assert small_blocks
+    scale = full.std(0).mean()
+    assert scale > 0.05
+    np.testing.assert_allclose(blockwise.std(0).mean(), scale, rtol=0.15)
+    assert np.abs(blockwise.mean(0) - full.mean(0)).mean() < 4 * scale * np.sqrt(2 / draws)
+    # The rate is the configured one: the mean of kept weights.
+    seed = keras.ops.convert_to_tensor(np.int32(11))
+    kept = to_numpy(_blockwise.keep_mask(seed, (4, 8, 64, 64), 0, 0.3)).mean()
+    assert abs(kept - 0.7) < 0.01
+
+
+# Positions per token ---------------------------------------------------------
+
+
+def test_position_helpers_give_the_relative_positions():
+    seq = to_numpy(positions.sequence_positions(5))
+    np.testing.assert_array_equal(
+        seq[:, None, :, :] - seq[:, :, None, :],
+        to_numpy(positions.sequence_relative_positions(5)),
+    )
+    grid = to_numpy(positions.grid_positions(3, 4))
+    np.testing.assert_array_equal(
+        grid[:, None, :, :] - grid[:, :, None, :],
+        to_numpy(positions.grid_relative_positions(3, 4)),
+    )
+
+
+def token_case(rng, batch, n_queries, n_keys, coordinates, position_batch):
+    q_pos = rng.integers(-20, 20, size=(position_batch, n_queries, coordinates))
+    k_pos = rng.integers(-20, 20, size=(position_batch, n_keys, coordinates))
+    offsets = k_pos[:, None, :, :] - q_pos[:, :, None, :]
+    return q_pos, k_pos, offsets
+
+
+@pytest.mark.parametrize("coordinates", [1, 2, 3])
+@pytest.mark.parametrize("position_batch", [1, 2])
+def test_token_positions_equal_relative_positions(coordinates, position_batch, rng,
+                                                  monkeypatch):
+    layer = RelativeAttention(
+        12, 2, n_coordinates=coordinates, n_additional_heads=1,
+        position_embedding=rng.normal(size=(11, 6 * coordinates)).astype("float32"),
+    )
+    q = rng.normal(size=(2, 5, 12)).astype("float32")
+    k = rng.normal(size=(2, 7, 12)).astype("float32")
+    q_pos, k_pos, offsets = token_case(rng, 2, 5, 7, coordinates, position_batch)
+    common = dict(content_queries=q, content_keys=k, content_values=k,
+                  mask=rng.random((2, 7)) > 0.2)
+    want = layer(**common, relative_positions=offsets)
+    got = layer(**common, query_positions=q_pos, key_positions=k_pos)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-5)
+    want_pooled = to_numpy(want[0])
+    for blocks in (None, lambda: 2 * 2 * 7):
+        if blocks is not None:
+            monkeypatch.setattr(_kernels, "pooling_block_elements", blocks)
+        pooled = layer(**common, query_positions=q_pos, key_positions=k_pos,
+                       return_logits=False)
+        np.testing.assert_allclose(to_numpy(pooled), want_pooled, atol=1e-5)
+
+
+def test_token_positions_default_to_the_queries_in_self_attention(rng):
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"))
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    want = layer(x, x, x, relative_positions=positions.sequence_relative_positions(6))
+    got = layer(x, x, x, query_positions=positions.sequence_positions(6))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-5)
+
+
+def test_token_positions_gradients_equal_relative_positions(small_blocks, rng):
+    layer = make_layer(rng, ("c2c", "c2p", "p2c"))
+    inputs = case_inputs(rng)
+    grid = positions.grid_positions(1, 7)
+    offsets = to_numpy(positions.grid_relative_positions(1, 7))
+    probe = rng.normal(size=(3, 7, 12)).astype("float32")
+    by_offsets = pooled_gradients(layer, dict(inputs, content_keys=None,
+                                              relative_positions=offsets), probe,
+                                  return_logits=False)
+    by_tokens = pooled_gradients(
+        layer, dict(inputs, content_keys=None, relative_positions=None,
+                    query_positions=to_numpy(grid)), probe,
+        return_logits=False,
+    )
+    assert_same_gradients(by_tokens, by_offsets)
+
+
+def test_transformer_layer_takes_token_positions(rng):
+    layer = RelativeTransformerLayer(16, 2, position_embedding_shape=(9, 8), init_resweight=0.3)
+    layer.build()
+    for w in layer.weights:
+        w.assign(rng.normal(0, 0.3, size=w.shape).astype("float32"))
+    x = rng.normal(size=(2, 6, 16)).astype("float32")
+    want = layer(x, relative_positions=positions.grid_relative_positions(2, 3))
+    got = layer(x, positions=positions.grid_positions(2, 3))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-5)
+    alone = layer(x, positions=positions.grid_positions(2, 3), return_logits=False)
+    np.testing.assert_allclose(to_numpy(alone), to_numpy(want[0]), atol=1e-5)
+
+
+def test_token_positions_in_a_functional_model_and_a_keras_file(rng, tmp_path):
+    tokens = keras.Input((None, 8))
+    coords = keras.Input((None, 2), dtype="int32")
+    layer = RelativeAttention(8, 2, n_coordinates=2,
+                              position_embedding=rng.normal(size=(9, 8)).astype("float32"))
+    out = layer(tokens, tokens, tokens, query_positions=coords, return_logits=False)
+    model = keras.Model([tokens, coords], out)
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    grid = np.broadcast_to(to_numpy(positions.grid_positions(2, 3)), (2, 6, 2)).copy()
+    want = to_numpy(model([x, grid]))
+    np.testing.assert_allclose(
+        want, to_numpy(layer(x, x, x, relative_positions=positions.grid_relative_positions(2, 3))[0]),
+        atol=1e-5,
+    )
+    path = str(tmp_path / "tokens.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(again([x, grid])), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (dict(relative_positions=np.zeros((1, 4, 4, 1), "int32"),
+          query_positions=np.zeros((1, 4, 1), "int32")), ValueError, "one form"),
+    (dict(key_positions=np.zeros((1, 4, 1), "int32")), ValueError,
+     "got only `key_positions`"),
+    (dict(query_positions=np.zeros((1, 5, 1), "int32")), ValueError,
+     r"`query_positions` has shape \(1, 5, 1\)"),
+    (dict(query_positions=np.zeros((1, 4, 1), "int32"),
+          key_positions=np.zeros((1, 4, 2), "int32")), ValueError,
+     r"`key_positions` has shape \(1, 4, 2\)"),
+    (dict(query_positions=np.zeros((1, 4, 1), "float32")), TypeError,
+     "`query_positions` must have an integer dtype"),
+])
+def test_token_position_errors_name_the_argument(call, error, match):
+    layer = RelativeAttention(8, 2, position_embedding=np.zeros((9, 8), "float32"))
+    x = np.ones((2, 4, 8), "float32")
+    with pytest.raises(error, match=match):
+        layer(x, x, x, **call)
+
+
+def test_cross_attention_needs_both_token_positions():
+    layer = RelativeAttention(8, 2, position_embedding=np.zeros((9, 8), "float32"))
+    q, k = np.ones((2, 4, 8), "float32"), np.ones((2, 3, 8), "float32")
+    with pytest.raises(ValueError, match="got only `query_positions`"):
+        layer(q, k, k, query_positions=np.zeros((1, 4, 1), "int32"))
+
+
+def test_only_long_inputs_recompute_their_blocks():
+    """Short inputs split in blocks (torch eager's 2**20) keep them: W2's
+    `(4, 4, 512, 512)` does not recompute; 8192 tokens do."""
+    short = np.zeros((4, 512, 8), "float32")
+    long = np.zeros((1, 8192, 8), "float32")
+    assert not _blockwise.recomputes(short, short, 4)
+    assert _blockwise.recomputes(long, long, 4)
