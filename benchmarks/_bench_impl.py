@@ -354,33 +354,51 @@ class MHABlock(keras.layers.Layer):
         return self.norm2(x + update)
 
 
-def build_model(kind, coords):
+def build_model(kind, coords, per_token=False):
+    """The 2-block model; `per_token`: its positions input holds each
+    token's coordinates `(batch, length, coords)`, not `(batch, length,
+    length, coords)` offsets."""
     from keras_relattn import RelativeTransformerLayer
 
     tokens = keras.Input((None, SIZE))
     mask = keras.Input((None,), dtype="bool")
-    positions = keras.Input((None, None, coords), dtype="int32")
+    positions = keras.Input((None, coords) if per_token else (None, None, coords), dtype="int32")
+    given = dict(positions=positions) if per_token else dict(relative_positions=positions)
     x = tokens
     for _ in range(MODEL["blocks"]):
         if kind == "ours":
             x = RelativeTransformerLayer(
                 SIZE, HEADS, init_resweight=1.0, n_coordinates=coords,
                 position_embedding_shape=(POSITIONS, SIZE),
-            )(x, mask=mask, relative_positions=positions, return_logits=False)
+            )(x, mask=mask, return_logits=False, **given)
         else:
             x = MHABlock(SIZE, HEADS)(x, mask)
     model = keras.Model([tokens, mask, positions], keras.layers.Dense(1)(x))
     return model
 
 
+def model_spec(args):
+    """The model workload: 8 x 256 with 2-D offsets, or with `--model-length
+    N` batch 1 x N with 1-D per-token positions (training at length)."""
+    if args.model_length:
+        return dict(batch=1, length=args.model_length, coords=1, blocks=MODEL["blocks"],
+                    per_token=True)
+    return dict(MODEL, per_token=False)
+
+
 def model_systems(args, rng):
-    spec = MODEL
-    x, mask, rel = make_data(rng, spec["batch"], spec["length"], spec["coords"])
+    spec = model_spec(args)
+    if spec["per_token"]:
+        x = rng.normal(size=(1, spec["length"], SIZE)).astype("float32")
+        mask = np.ones((1, spec["length"]), bool)
+        rel = np.arange(spec["length"], dtype="int32")[None, :, None]
+    else:
+        x, mask, rel = make_data(rng, spec["batch"], spec["length"], spec["coords"])
     target = rng.normal(size=(spec["batch"], spec["length"], 1)).astype("float32")
     jit = args.torch_compile if BACKEND == "torch" else True
     systems = {}
     for kind in ("ours", "keras_mha"):
-        model = build_model(kind, spec["coords"])
+        model = build_model(kind, spec["coords"], spec["per_token"])
         model.compile("adam", "mse", jit_compile=jit)
 
         def step(model=model):
@@ -393,19 +411,24 @@ def run_model(args):
     rng = np.random.default_rng(0)
     compiler = {"jax": "jax.jit", "tensorflow": "XLA",
                 "torch": "torch.compile" if args.torch_compile else "eager"}[BACKEND]
+    spec = model_spec(args)
     print(f"keras {keras.__version__}, backend {BACKEND} ({compiler}): train_on_batch of "
-          f"{MODEL['blocks']} blocks, batch {MODEL['batch']} x {MODEL['length']}, "
-          f"{MODEL['coords']}-D positions; ours return_logits=False")
+          f"{spec['blocks']} blocks, batch {spec['batch']} x {spec['length']}, "
+          f"{spec['coords']}-D positions{' per token' if spec['per_token'] else ''}; "
+          "ours return_logits=False")
     faults = {}
     medians = time_interleaved(model_systems(args, rng), args.repeats, faults=faults)
     for name, ms in medians.items():
         print(f"{name:10} {ms:10.2f} ms {ms / medians['keras_mha']:8.2f} x keras_mha"
               f" {faults[name]:8.0f} faults/call")
-    return {"backend": BACKEND, "compiler": compiler, "mode": "model", "spec": MODEL,
+    return {"backend": BACKEND, "compiler": compiler, "mode": "model", "spec": spec,
             "median_ms": medians, "faults_per_call": faults}
 
 
 # --long: peak memory and time of a pooled-only eager call at long lengths ----------
+
+LONG_SYSTEMS = ("ours", "ours_tokens", "keras_mha")
+
 
 def _rss(field):
     with open("/proc/self/status") as f:
@@ -415,42 +438,100 @@ def _rss(field):
     return 0
 
 
-def long_point(system, length):
-    """Two pooled-only eager calls of one shape, in a fresh process, as
-    inference (torch: `no_grad`), after one at length 16 (which loads the
-    code): the time of the second call, and the peak resident memory above
-    the memory before the call it is read on. torch
-    and TensorFlow keep what they free, so their first call is read; JAX
-    gives it back, so its second call is (its first also holds the
-    compiler's own memory)."""
-    import contextlib
+def _long_inputs(system, length):
+    """The inputs of one --long call, made inside the measured window (the
+    positions a user must build count): `ours` takes `(1, n, n, 1)` offsets,
+    `ours_tokens` `(1, n, 1)` per-token positions, MHA none."""
+    from keras_relattn import positions
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(1, length, SIZE)).astype("float32")
-    mask = np.ones((1, length), bool)
+    x = keras.ops.convert_to_tensor(rng.normal(size=(1, length, SIZE)).astype("float32"))
+    mask = keras.ops.ones((1, length), "bool")
     if system == "ours":
-        layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE))
-        offsets = np.arange(length, dtype="int32")
-        rel = (offsets[None, :] - offsets[:, None])[None, :, :, None]
+        return x, mask, positions.sequence_relative_positions(length)
+    if system == "ours_tokens":
+        return x, mask, positions.sequence_positions(length)
+    return x, mask
 
-        def call(x, mask, rel):
-            return layer(x, x, x, mask=mask, relative_positions=rel, return_logits=False)
-        args = (x, mask, rel)
-    else:
+
+def _long_call(system, backward):
+    """`(layer, arguments)`: `arguments(x, mask[, positions])` gives the
+    layer's `(args, kwargs)` for the pooled output alone. In training the
+    table trains, as `BoxTransformer` trains its shared one."""
+    if system == "keras_mha":
         layer = keras.layers.MultiHeadAttention(HEADS, SIZE // HEADS)
+        return layer, lambda x, mask: ((x, x), dict(attention_mask=mask[:, None, :]))
+    layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
+                              position_embedding_trainable=backward)
+    name = "relative_positions" if system == "ours" else "query_positions"
+    return layer, lambda x, mask, pos: (
+        (x, x, x), dict(mask=mask, return_logits=False, **{name: pos})
+    )
 
-        def call(x, mask):
-            return layer(x, x, attention_mask=mask[:, None, :])
-        args = (x, mask)
-    context = contextlib.nullcontext
+
+def _train_step(layer, arguments):
+    """One eager forward + backward of `sum(pooled)`: the gradients of the
+    inputs and of every trainable weight."""
     if BACKEND == "torch":
+        def step(x, *rest):
+            x = x.detach().requires_grad_(True)
+            for w in layer.trainable_weights:
+                w.value.grad = None
+            args, kwargs = arguments(x, *rest)
+            keras.ops.sum(layer(*args, **kwargs)).backward()
+            return x.grad
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        def step(x, *rest):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                args, kwargs = arguments(x, *rest)
+                loss = keras.ops.sum(layer(*args, **kwargs))
+            return tape.gradient(loss, [x] + [w.value for w in layer.trainable_weights])[0]
+    else:
+        import jax
+
+        def loss(x, trainable, rest):
+            args, kwargs = arguments(x, *rest)
+            non_trainable = [w.value for w in layer.non_trainable_variables]
+            return keras.ops.sum(layer.stateless_call(trainable, non_trainable, *args,
+                                                      **kwargs)[0])
+
+        def step(x, *rest):
+            if not layer.built:  # stateless_call needs the variables
+                args, kwargs = arguments(x, *rest)
+                layer(*args, **kwargs)
+            trainable = [w.value for w in layer.trainable_variables]
+            return jax.grad(loss, argnums=(0, 1))(x, trainable, rest)[0]
+    return step
+
+
+def long_point(system, length, backward=False):
+    """Two eager pooled-only calls of one shape (forward + backward with
+    `backward`), in a fresh process, after one at length 16 (which loads the
+    code): the time of the second call, and the peak resident memory above
+    the memory before the call it is read on, the inputs (positions too)
+    made inside that window. torch and TensorFlow keep what they free, so
+    their first call is read; JAX gives it back, so its second call is (its
+    first also holds the compiler's own memory). Inference runs under
+    torch's `no_grad`."""
+    import contextlib
+
+    layer, arguments = _long_call(system, backward)
+    if backward:
+        call = _train_step(layer, arguments)
+    else:
+        def call(*inputs):
+            args, kwargs = arguments(*inputs)
+            return layer(*args, **kwargs)
+    context = contextlib.nullcontext
+    if BACKEND == "torch" and not backward:
         import torch
 
         context = torch.no_grad
     with context():  # loads the code paths (torch imports its compiler lazily)
-        keras.ops.convert_to_numpy(call(*[a[:, :16] if a.ndim < 4 else a[:, :16, :16]
-                                          for a in args]))
-    tensors = [keras.ops.convert_to_tensor(a) for a in args]
+        keras.ops.convert_to_numpy(call(*_long_inputs(system, 16)))
     measured = 1 if BACKEND == "jax" else 0
     times = []
     for attempt in range(2):
@@ -458,12 +539,14 @@ def long_point(system, length):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak (VmHWM) to the current resident size
             before = _rss("VmRSS")
+        inputs = _long_inputs(system, length)
         start = time.perf_counter()
         with context():
-            keras.ops.convert_to_numpy(call(*tensors))
+            keras.ops.convert_to_numpy(call(*inputs))
         times.append((time.perf_counter() - start) * 1e3)
         if attempt == measured:
             peak = _rss("VmHWM") - before
+        del inputs
     return times[-1], peak
 
 
@@ -472,23 +555,36 @@ def run_long(args):
     import sys
 
     lengths = [int(n) for n in args.long_lengths.split(",")]
-    print(f"keras {keras.__version__}, backend {BACKEND} (eager): one pooled-only call, "
-          f"batch 1, {HEADS} heads, D={SIZE}; each point in its own process")
-    print(f"{'length':>7} {'system':10} {'ms':>9} {'peak RSS +MiB':>14}")
+    what = "forward + backward of the pooled output" if args.backward else "pooled-only call"
+    print(f"keras {keras.__version__}, backend {BACKEND} (eager): one {what}, "
+          f"batch 1, {HEADS} heads, D={SIZE}, a {POSITIONS}-row table"
+          f"{' (trainable)' if args.backward else ''}; each point in its own process; "
+          "memory includes the inputs (ours: (1, n, n, 1) offsets; ours_tokens: (1, n, 1) "
+          "positions)")
+    print(f"{'length':>7} {'system':12} {'ms':>9} {'peak RSS +MiB':>14}")
     points = {}
     for length in lengths:
-        for system in ("ours", "keras_mha"):
+        for system in args.long_systems.split(","):
             if system == "keras_mha" and length > args.long_mha_max:
-                print(f"{length:7} {system:10} skipped (its (1, 4, n, n) tensors alone: "
+                print(f"{length:7} {system:12} skipped (its (1, 4, n, n) tensors alone: "
                       f"{4 * 4 * length**2 / 2**30:.0f} GiB each)")
                 continue
             code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import _bench_impl as b; "
-                    f"print(json.dumps(b.long_point({system!r}, {length})))")
+                    f"print(json.dumps(b.long_point({system!r}, {length}, {args.backward})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{length:7} {system:10} failed: {done.stderr.strip().splitlines()[-1]}")
+                last = (done.stderr.strip().splitlines() or ["killed"])[-1]
+                print(f"{length:7} {system:12} failed: {last}")
                 continue
             ms, peak = json.loads(done.stdout.strip().splitlines()[-1])
             points.setdefault(system, {})[length] = {"ms": ms, "peak_bytes": peak}
-            print(f"{length:7} {system:10} {ms:9.1f} {peak / 2**20:14.1f}")
-    return {"backend": BACKEND, "mode": "long", "points": points}
+            print(f"{length:7} {system:12} {ms:9.1f} {peak / 2**20:14.1f}", flush=True)
+    for length in lengths:
+        mha = points.get("keras_mha", {}).get(length)
+        for system in ("ours", "ours_tokens"):
+            ours = points.get(system, {}).get(length)
+            if mha and ours:
+                print(f"{length:7} {system:12} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "
+                      f"memory {ours['peak_bytes'] / max(mha['peak_bytes'], 1):.2f}x")
+    return {"backend": BACKEND, "mode": "long_backward" if args.backward else "long",
+            "points": points}

@@ -43,8 +43,13 @@ def parse(argv):
     p.add_argument("--torch-compile", action="store_true", help="torch.compile ours")
     p.add_argument("--model", action="store_true",
                    help="train_on_batch of a 2-block model, against the same model with MHA")
+    p.add_argument("--model-length", type=int, default=None,
+                   help="with --model: batch 1 x this length, per-token 1-D positions")
     p.add_argument("--long", action="store_true",
-                   help="peak memory and time of one pooled-only eager call at long lengths")
+                   help="peak memory and time of one pooled-only eager call at long lengths "
+                        "(with --backward: one forward + backward)")
+    p.add_argument("--long-systems", default="ours,ours_tokens,keras_mha",
+                   help="of ours (n x n offsets), ours_tokens (per-token positions), keras_mha")
     p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--long-mha-max", type=int, default=8192,
                    help="longest length run for Keras MHA in --long (it holds n x n)")
