@@ -23,8 +23,10 @@ BACKENDS = ["jax", "tensorflow", "torch", "torch_compile"]
 EAGER = {"jax": "JAX, eager", "tensorflow": "TensorFlow, eager", "torch": "PyTorch, eager"}
 # Which document holds which table.
 DOCUMENTS = {
-    "cpu_pooled": "README.md",
-    "cpu_long": "README.md",
+    "headline": "README.md",
+    "cpu_pooled": "docs/performance.md",
+    "cpu_long": "docs/performance.md",
+    "cpu_long_training": "docs/performance.md",
     "cpu_forward": "docs/performance.md",
     "cpu_backward": "docs/performance.md",
     "gpu": "docs/performance.md",
@@ -96,6 +98,36 @@ def pooled_table():
     return "\n".join(lines)
 
 
+def headline_table():
+    """The README's summary: ours / MHA on the paths users run, and the
+    memory of one training step at 8192 tokens."""
+    lines = [
+        "| backend | pooled forward, W2 | forward + backward, W3 | 2-block model step "
+        "| training step at 8192 tokens: peak MiB, ours / MHA |",
+        "|---|---|---|---|---|",
+    ]
+
+    def ratio(ms):
+        return f"{ms['ours']:.1f} / {ms['keras_mha']:.1f} ms (**{ms['ours'] / ms['keras_mha']:.2f}x**)"
+
+    for backend in BACKENDS:
+        forward = load(f"pooled_forward_{backend}.json")
+        backward = load(f"pooled_backward_{backend}.json")
+        model = load(f"model_{backend}.json")
+        memory = "-"
+        if backend in EAGER:
+            points = load(f"long_backward_{backend}.json")["points"]
+            ours, mha = points["ours_tokens"].get("8192"), points["keras_mha"].get("8192")
+            memory = f"{mib(ours['peak_bytes'])} / {mib(mha['peak_bytes'])} (eager)"
+        lines.append(
+            f"| {NAMES[(forward['backend'], forward['compiler'])]} "
+            f"| {ratio(forward['workloads']['W2']['median_ms'])} "
+            f"| {ratio(backward['workloads']['W3']['median_ms'])} "
+            f"| {ratio(model['median_ms'])} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
 def faults(entry):
     """Minor page faults per timed call, ours / MHA: thousands of them mean a
     call gets its temporaries from the system afresh (docs/performance.md,
@@ -123,14 +155,46 @@ def long_table():
     return "\n".join(lines)
 
 
+def long_training_table():
+    """One eager forward + backward of the pooled output (table trainable),
+    each point in a fresh process, inputs (positions too) counted."""
+    lines = [
+        "| backend | length | ours, per-token positions: ms / peak MiB "
+        "| ours, (n, n) offsets: ms / peak MiB | Keras MHA: ms / peak MiB "
+        "| per-token / MHA: time, memory |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(point):
+        return "not run" if point is None else f"{point['ms']:.0f} / {mib(point['peak_bytes'])}"
+
+    for backend in ("jax", "tensorflow", "torch"):
+        points = load(f"long_backward_{backend}.json")["points"]
+        tokens, offsets = points.get("ours_tokens", {}), points.get("ours", {})
+        mha = points.get("keras_mha", {})
+        for length in sorted(set(tokens) | set(offsets) | set(mha), key=int):
+            ours, theirs = tokens.get(length), mha.get(length)
+            ratio = "-"
+            if ours and theirs:
+                ratio = (f"{ours['ms'] / theirs['ms']:.2f}x, "
+                         f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}x")
+            lines.append(
+                f"| {EAGER[backend]} | {length} | {cell(ours)} | {cell(offsets.get(length))} "
+                f"| {cell(theirs)} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
 def mib(peak_bytes):
     return "< 1" if peak_bytes < 2**20 else f"{peak_bytes / 2**20:.0f}"
 
 
 def tables():
     found = {key: table(files, with_mode=key == "gpu") for key, files in TABLES.items()}
+    found["headline"] = headline_table()
     found["cpu_pooled"] = pooled_table()
     found["cpu_long"] = long_table()
+    found["cpu_long_training"] = long_training_table()
     return found
 
 

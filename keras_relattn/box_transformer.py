@@ -25,31 +25,31 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
     `edspdf_state_dict`.
 
     Args:
-        input_size: int, feature size of the line embeddings.
-        num_heads: int, attention heads of each layer.
-        dropout_p: float, dropout of the attention and residual branches.
-        head_size: int, size of each attention head (default
+        input_size (int): feature size of the line embeddings.
+        num_heads (int): attention heads of each layer.
+        dropout_p (float): dropout of the attention and residual branches.
+        head_size (int): size of each attention head (default
             `input_size // num_heads`).
         activation: `"gelu"` (exact, edspdf's default) or any activation
             `RelativeTransformerLayer` takes.
-        init_resweight: float, initial value of the residual gates.
+        init_resweight (float): initial value of the residual gates.
         n_relative_positions: int or None, rows of the shared table (and the
             scale of the x offsets). None: no position terms (content only).
         attention_mode: terms of the attention, see `RelativeAttention`.
-        n_layers: int, number of layers.
-        seed: optional int, seed of the dropouts.
+        n_layers (int): number of layers.
+        seed (int | None): seed of the dropouts.
         **kwargs: other `keras.layers.Layer` arguments.
 
     Call arguments:
-        embeds: `(pages, lines, input_size)` line embeddings.
-        boxes: dict of `(pages, lines)` float tensors with edspdf's keys
+        - `embeds`: `(pages, lines, input_size)` line embeddings.
+        - `boxes`: dict of `(pages, lines)` float tensors with edspdf's keys
             `xmin, ymin, xmax, ymax, width, height` (page-relative
             coordinates). A dict of `keras.Input`s works in functional
             models.
-        mask: `(pages, lines)` bool, True = a real line. Default: the
+        - `mask`: `(pages, lines)` bool, True = a real line. Default: the
             embeddings' Keras mask, else all lines real.
-        training: bool, whether dropout is active.
-        return_logits: bool, default False (edspdf returns the embeddings
+        - `training` (bool): whether dropout is active.
+        - `return_logits` (bool): default False (edspdf returns the embeddings
             alone). True also returns every layer's logits.
 
     Returns:
@@ -58,20 +58,19 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         `(pages, lines + 1, lines + 1, num_heads)` (the CLS row and column
         first).
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_relattn import BoxTransformer
-    >>> layer = BoxTransformer(16, num_heads=2, n_relative_positions=32)
-    >>> rng = np.random.default_rng(0)
-    >>> x0 = rng.random((2, 5)).astype("float32") * 0.8
-    >>> y0 = rng.random((2, 5)).astype("float32") * 0.9
-    >>> boxes = dict(xmin=x0, ymin=y0, xmax=x0 + 0.1, ymax=y0 + 0.02,
-    ...              width=np.full((2, 5), 0.1, "float32"),
-    ...              height=np.full((2, 5), 0.02, "float32"))
-    >>> out = layer(rng.normal(size=(2, 5, 16)).astype("float32"), boxes)
-    >>> tuple(out.shape)
-    (2, 5, 16)
+    Examples:
+        >>> import numpy as np
+        >>> from keras_relattn import BoxTransformer
+        >>> layer = BoxTransformer(16, num_heads=2, n_relative_positions=32)
+        >>> rng = np.random.default_rng(0)
+        >>> x0 = rng.random((2, 5)).astype("float32") * 0.8
+        >>> y0 = rng.random((2, 5)).astype("float32") * 0.9
+        >>> boxes = dict(xmin=x0, ymin=y0, xmax=x0 + 0.1, ymax=y0 + 0.02,
+        ...              width=np.full((2, 5), 0.1, "float32"),
+        ...              height=np.full((2, 5), 0.02, "float32"))
+        >>> out = layer(rng.normal(size=(2, 5, 16)).astype("float32"), boxes)
+        >>> tuple(out.shape)
+        (2, 5, 16)
 
     References:
         - edspdf, `edspdf.layers.box_transformer.BoxTransformerModule`.

@@ -228,17 +228,16 @@ def load_edspdf_state_dict(layer, state_dict):
     Returns:
         The layer, for chaining.
 
-    Example:
-
-    >>> import keras, numpy as np
-    >>> from keras_relattn import RelativeAttention, edspdf_state_dict
-    >>> from keras_relattn import load_edspdf_state_dict
-    >>> a = RelativeAttention(8, 2)
-    >>> b = load_edspdf_state_dict(RelativeAttention(8, 2), edspdf_state_dict(a))
-    >>> x = np.ones((1, 3, 8), "float32")
-    >>> same = keras.ops.all(keras.ops.equal(a(x), b(x)))
-    >>> bool(keras.ops.convert_to_numpy(same))
-    True
+    Examples:
+        >>> import keras, numpy as np
+        >>> from keras_relattn import RelativeAttention, edspdf_state_dict
+        >>> from keras_relattn import load_edspdf_state_dict
+        >>> a = RelativeAttention(8, 2)
+        >>> b = load_edspdf_state_dict(RelativeAttention(8, 2), edspdf_state_dict(a))
+        >>> x = np.ones((1, 3, 8), "float32")
+        >>> same = keras.ops.all(keras.ops.equal(a(x), b(x)))
+        >>> bool(keras.ops.convert_to_numpy(same))
+        True
 
     References:
         - edspdf, `edspdf.layers.relative_attention.RelativeAttention` and
@@ -308,12 +307,11 @@ def edspdf_state_dict(layer):
         `load_state_dict(..., strict=True)` into the edspdf module of the
         same configuration.
 
-    Example:
-
-    >>> from keras_relattn import RelativeAttention, edspdf_state_dict
-    >>> state = edspdf_state_dict(RelativeAttention(8, 2, n_additional_heads=1))
-    >>> {k: v.shape for k, v in state.items() if k.startswith("content_key")}
-    {'content_key_proj.weight': (12, 8), 'content_key_proj.bias': (12,)}
+    Examples:
+        >>> from keras_relattn import RelativeAttention, edspdf_state_dict
+        >>> state = edspdf_state_dict(RelativeAttention(8, 2, n_additional_heads=1))
+        >>> {k: v.shape for k, v in state.items() if k.startswith("content_key")}
+        {'content_key_proj.weight': (12, 8), 'content_key_proj.bias': (12,)}
 
     References:
         - edspdf, `edspdf.layers.relative_attention.RelativeAttention`.

@@ -17,35 +17,35 @@ class PositionTable(keras.layers.Layer):
     `BoxTransformerModule` shares its trainable table across its layers.
 
     Args:
-        n_positions: int, number of rows (relative positions) of the table.
-        size: int, feature size of each row.
+        n_positions (int): number of rows (relative positions) of the table.
+        size (int): feature size of each row.
         initializer: initializer of the table. Default: standard normal, as
             edspdf's `torch.randn` table.
-        regularizer, constraint: optional, for the table.
+        regularizer: optional regularizer of the table.
+        constraint: optional constraint of the table.
         **kwargs: other `keras.layers.Layer` arguments.
 
     Call arguments:
-        inputs: any tensor; only anchors the table in a functional graph.
+        - `inputs`: any tensor; only anchors the table in a functional graph.
             Its values are ignored.
 
     Returns:
         The table, `(n_positions, size)`, in the layer's compute dtype.
 
-    Example:
-
-    >>> import keras, numpy as np
-    >>> from keras_relattn import PositionTable, RelativeAttention
-    >>> tokens = keras.Input((None, 16))
-    >>> positions = keras.Input((None, None, 1), dtype="int32")
-    >>> table = PositionTable(32, 16, name="table")(tokens)
-    >>> x = tokens
-    >>> for _ in range(2):
-    ...     x = RelativeAttention(16, 2, position_embedding_shape=(None, 16))(
-    ...         x, x, x, relative_positions=positions, position_embedding=table,
-    ...         return_logits=False)
-    >>> model = keras.Model([tokens, positions], x)
-    >>> [w.path for w in model.weights if w.shape == (32, 16)]
-    ['table/embeddings']
+    Examples:
+        >>> import keras, numpy as np
+        >>> from keras_relattn import PositionTable, RelativeAttention
+        >>> tokens = keras.Input((None, 16))
+        >>> positions = keras.Input((None, None, 1), dtype="int32")
+        >>> table = PositionTable(32, 16, name="table")(tokens)
+        >>> x = tokens
+        >>> for _ in range(2):
+        ...     x = RelativeAttention(16, 2, position_embedding_shape=(None, 16))(
+        ...         x, x, x, relative_positions=positions, position_embedding=table,
+        ...         return_logits=False)
+        >>> model = keras.Model([tokens, positions], x)
+        >>> [w.path for w in model.weights if w.shape == (32, 16)]
+        ['table/embeddings']
 
     References:
         - edspdf, `edspdf.layers.box_transformer.BoxTransformerModule`

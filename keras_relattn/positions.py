@@ -27,13 +27,12 @@ def sequence_relative_positions(query_length, key_length=None):
         int32 tensor `(1, query_length, key_length, 1)`; one tensor serves
         the whole batch (the layer broadcasts a batch of 1).
 
-    Example:
-
-    >>> import keras
-    >>> from keras_relattn.positions import sequence_relative_positions
-    >>> p = sequence_relative_positions(3)
-    >>> keras.ops.convert_to_numpy(p)[0, :, :, 0].tolist()
-    [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]]
+    Examples:
+        >>> import keras
+        >>> from keras_relattn.positions import sequence_relative_positions
+        >>> p = sequence_relative_positions(3)
+        >>> keras.ops.convert_to_numpy(p)[0, :, :, 0].tolist()
+        [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]]
 
     References:
         - Shaw et al., "Self-Attention with Relative Position
@@ -50,21 +49,20 @@ def grid_relative_positions(height, width):
     """Offsets between the patches of a `height x width` grid (row-major).
 
     Args:
-        height: int, rows of the grid.
-        width: int, columns of the grid.
+        height (int): rows of the grid.
+        width (int): columns of the grid.
 
     Returns:
         int32 tensor `(1, height * width, height * width, 2)`: coordinate 0
         is the column (x) offset, coordinate 1 the row (y) offset, both key
         minus query. Patch `i` sits at row `i // width`, column `i % width`.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_relattn.positions import grid_relative_positions
-    >>> p = keras.ops.convert_to_numpy(grid_relative_positions(2, 3))
-    >>> p.shape, p[0, 0, 5].tolist()  # from patch (0, 0) to patch (1, 2)
-    ((1, 6, 6, 2), [2, 1])
+    Examples:
+        >>> import keras
+        >>> from keras_relattn.positions import grid_relative_positions
+        >>> p = keras.ops.convert_to_numpy(grid_relative_positions(2, 3))
+        >>> p.shape, p[0, 0, 5].tolist()  # from patch (0, 0) to patch (1, 2)
+        ((1, 6, 6, 2), [2, 1])
 
     References:
         - Wu et al., "Rethinking and Improving Relative Position Encoding
@@ -90,12 +88,11 @@ def sequence_positions(length):
     Returns:
         int32 tensor `(1, length, 1)`; one tensor serves the whole batch.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_relattn.positions import sequence_positions
-    >>> keras.ops.convert_to_numpy(sequence_positions(3))[0, :, 0].tolist()
-    [0, 1, 2]
+    Examples:
+        >>> import keras
+        >>> from keras_relattn.positions import sequence_positions
+        >>> keras.ops.convert_to_numpy(sequence_positions(3))[0, :, 0].tolist()
+        [0, 1, 2]
 
     References:
         - Su et al., "RoFormer: Enhanced Transformer with Rotary Position
@@ -112,18 +109,17 @@ def grid_positions(height, width):
     same offsets.
 
     Args:
-        height: int, rows of the grid.
-        width: int, columns of the grid.
+        height (int): rows of the grid.
+        width (int): columns of the grid.
 
     Returns:
         int32 tensor `(1, height * width, 2)`.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_relattn.positions import grid_positions
-    >>> keras.ops.convert_to_numpy(grid_positions(2, 3))[0].tolist()
-    [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
+    Examples:
+        >>> import keras
+        >>> from keras_relattn.positions import grid_positions
+        >>> keras.ops.convert_to_numpy(grid_positions(2, 3))[0].tolist()
+        [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
 
     References:
         - Wu et al., "Rethinking and Improving Relative Position Encoding
@@ -144,24 +140,28 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     and, as in edspdf, unused.)
 
     Args:
-        x0, y0, x1, y1: float tensors `(pages, boxes)`, box corners in page
+        x0: float tensor `(pages, boxes)`, the boxes' left edges, in page
             units (edspdf uses coordinates relative to the page, in [0, 1]).
-        width, height: float tensors `(pages, boxes)`, box sizes.
-        n_relative_positions: int, the scale of the x offsets (the size of
+        y0: float tensor `(pages, boxes)`, top edges.
+        x1: float tensor `(pages, boxes)`, right edges.
+        y1: float tensor `(pages, boxes)`, bottom edges.
+        width: float tensor `(pages, boxes)`, box widths (unused, as in
+            edspdf).
+        height: float tensor `(pages, boxes)`, box heights.
+        n_relative_positions (int): the scale of the x offsets (the size of
             edspdf's position table).
 
     Returns:
         int32 tensor `(pages, boxes, boxes, 2)` (x offset, y offset).
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_relattn.positions import box_relative_positions
-    >>> x0 = np.array([[0.1, 0.5]]); x1 = x0 + 0.2
-    >>> y0 = np.array([[0.1, 0.3]]); y1 = y0 + 0.05
-    >>> p = box_relative_positions(x0, y0, x1, y1, x1 - x0, y1 - y0, 64)
-    >>> keras.ops.convert_to_numpy(p)[0].tolist()
-    [[[0, 0], [25, 4]], [[-25, -4], [0, 0]]]
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_relattn.positions import box_relative_positions
+        >>> x0 = np.array([[0.1, 0.5]]); x1 = x0 + 0.2
+        >>> y0 = np.array([[0.1, 0.3]]); y1 = y0 + 0.05
+        >>> p = box_relative_positions(x0, y0, x1, y1, x1 - x0, y1 - y0, 64)
+        >>> keras.ops.convert_to_numpy(p)[0].tolist()
+        [[[0, 0], [25, 4]], [[-25, -4], [0, 0]]]
 
     References:
         - edspdf, `edspdf.utils.torch.compute_pdf_relative_positions`.
@@ -198,20 +198,19 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
 
     Args:
         relative_positions: integer tensor of offsets, any shape.
-        bucket_size: int, number of exact positions (both signs together).
-        max_position: int, the largest offset expected.
+        bucket_size (int): number of exact positions (both signs together).
+        max_position (int): the largest offset expected.
 
     Returns:
         int32 tensor of the same shape. Use a table of
         `2 * bucket_size` (or more) rows, or any size: the layer clamps.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_relattn.positions import log_bucket_positions
-    >>> p = log_bucket_positions(keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500]), 8, 512)
-    >>> keras.ops.convert_to_numpy(p).tolist()
-    [0, 3, -4, 5, 6, -7]
+    Examples:
+        >>> import keras
+        >>> from keras_relattn.positions import log_bucket_positions
+        >>> p = log_bucket_positions(keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500]), 8, 512)
+        >>> keras.ops.convert_to_numpy(p).tolist()
+        [0, 3, -4, 5, 6, -7]
 
     References:
         - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
@@ -241,20 +240,19 @@ def sinusoidal_table(n_positions, size, temperature=10000.0):
     channel `2i + 1` the matching cosine.
 
     Args:
-        n_positions: int, rows of the table.
-        size: int, channels (even or odd, as edspdf).
-        temperature: float, controls the range of frequencies.
+        n_positions (int): rows of the table.
+        size (int): channels (even or odd, as edspdf).
+        temperature (float): controls the range of frequencies.
 
     Returns:
         float32 numpy array `(n_positions, size)`, ready for
         `RelativeAttention(position_embedding=...)`.
 
-    Example:
-
-    >>> from keras_relattn import sinusoidal_table
-    >>> t = sinusoidal_table(4, 6)
-    >>> t.shape, float(t[0, 1])
-    ((4, 6), 1.0)
+    Examples:
+        >>> from keras_relattn import sinusoidal_table
+        >>> t = sinusoidal_table(4, 6)
+        >>> t.shape, float(t[0, 1])
+        ((4, 6), 1.0)
 
     References:
         - edspdf, `edspdf.layers.sinusoidal_embedding.SinusoidalEmbedding`.

@@ -68,16 +68,16 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
     `keras_relattn.load_edspdf_state_dict` / `keras_relattn.edspdf_state_dict`.
 
     Args:
-        size: int. Size of the pooled output (`n_heads * value head size`).
+        size (int): Size of the pooled output (`n_heads * value head size`).
             Default for `query_size` and `key_size`. May be None with
             `do_pooling=False` when both of those are given.
-        n_heads: int. Number of pooling attention heads.
-        query_size: int. Feature size of the content queries. Defaults to
+        n_heads (int): Number of pooling attention heads.
+        query_size (int): Feature size of the content queries. Defaults to
             `size`.
-        key_size: int. Feature size of the content keys. Defaults to `size`.
-        value_size: int. Feature size of the content values. Defaults to
+        key_size (int): Feature size of the content keys. Defaults to `size`.
+        value_size (int): Feature size of the content values. Defaults to
             `key_size` (as in edspdf).
-        head_size: int. Size of each query/key head. Defaults to
+        head_size (int): Size of each query/key head. Defaults to
             `key_size // n_heads`.
         position_embedding: optional array (numpy or backend tensor) of shape
             `(n_positions, position_size)`: the relative position table. It is
@@ -89,46 +89,51 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             `(None, position_size)` the layer owns no table: it is passed at
             call time (`position_embedding=`), e.g. one
             `keras_relattn.PositionTable` shared by several layers.
-        position_embedding_trainable: bool. Whether the table is trained.
+        position_embedding_trainable (bool): Whether the table is trained.
             Default `False`, like edspdf's buffer for a plain tensor.
-        dropout_p: float. Dropout rate applied, as edspdf does, to the raw
+        dropout_p (float): Dropout rate applied, as edspdf does, to the raw
             queries, keys and values, to the table and to the attention
             weights. Default `0.0`.
-        same_key_query_proj: bool. Share the content *and* positional
+        same_key_query_proj (bool): Share the content *and* positional
             projections between keys and queries.
-        same_positional_key_query_proj: bool. Share only the positional
+        same_positional_key_query_proj (bool): Share only the positional
             projections.
-        n_coordinates: int. Number of coordinates of a relative position
+        n_coordinates (int): Number of coordinates of a relative position
             (1 for text, 2 for page layouts and images, ...).
-        head_bias: bool. Learn a per-head bias added to the logits.
-        do_pooling: bool. Whether the layer pools values at all. With
+        head_bias (bool): Learn a per-head bias added to the logits.
+        do_pooling (bool): Whether the layer pools values at all. With
             `False` it only computes logits and has no value projection.
         mode: sequence of `"c2c"`, `"c2p"`, `"p2c"`: the terms to compute.
-        n_additional_heads: int. Logit-only heads, placed first on the heads
+        n_additional_heads (int): Logit-only heads, placed first on the heads
             axis of the returned logits.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, kernel_constraint, bias_constraint: passed to the
-            projections.
-        seed: optional int, seed of the dropout.
+        kernel_initializer: initializer of the projections' kernels.
+        bias_initializer: initializer of the projections' biases.
+        kernel_regularizer: regularizer of the projections' kernels.
+        bias_regularizer: regularizer of the projections' biases and of the
+            head bias.
+        kernel_constraint: constraint of the projections' kernels.
+        bias_constraint: constraint of the projections' biases and of the
+            head bias.
+        seed (int | None): seed of the dropout.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        content_queries: `(batch, n_queries, query_size)` float tensor.
-        content_keys: `(batch, n_keys, key_size)`; defaults to the queries.
-        content_values: `(batch, n_keys, value_size)`; when given (and
+        - `content_queries`: `(batch, n_queries, query_size)` float tensor.
+        - `content_keys`: `(batch, n_keys, key_size)`; defaults to the queries.
+        - `content_values`: `(batch, n_keys, value_size)`; when given (and
             `do_pooling`), the layer returns the pooled output too.
-        mask: bool or 0/1 tensor, True = attend. Shape `(batch, n_keys)`,
+        - `mask`: bool or 0/1 tensor, True = attend. Shape `(batch, n_keys)`,
             `(batch, n_queries, n_keys)` or `(batch, n_queries, n_keys,
             n_heads)` (pooling heads only). `None` means attend to all keys.
             It only affects pooling: the returned logits are unmasked.
-        relative_positions: integer tensor `(batch or 1, n_queries, n_keys,
+        - `relative_positions`: integer tensor `(batch or 1, n_queries, n_keys,
             n_coordinates)`: position of each key relative to each query.
-        no_position_mask: bool tensor `(batch or 1, n_queries, n_keys)`; True
+        - `no_position_mask`: bool tensor `(batch or 1, n_queries, n_keys)`; True
             disables the position terms for that pair.
-        base_attn: float tensor `(batch, n_queries, n_keys, n_heads +
+        - `base_attn`: float tensor `(batch, n_queries, n_keys, n_heads +
             n_additional_heads)` added to the logits.
-        training: bool, whether dropout is active.
-        return_logits: bool, default True (edspdf's outputs). With False
+        - `training` (bool): whether dropout is active.
+        - `return_logits` (bool): default True (edspdf's outputs). With False
             (values required), only the pooled output is returned, like
             `MultiHeadAttention(..., return_attention_scores=False)`: the
             fast way to run a stack that never reads the logits. It computes
@@ -137,10 +142,10 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             for the whole input; in training each block is recomputed in the
             backward pass (FlashAttention-2's scheme), so no such tensor is
             kept for it either.
-        position_embedding: optional `(n_positions, position_size)` tensor
+        - `position_embedding`: optional `(n_positions, position_size)` tensor
             used instead of the layer's own table, e.g. the output of a
             `keras_relattn.PositionTable` shared by several layers.
-        query_positions: integer tensor `(batch or 1, n_queries,
+        - `query_positions`: integer tensor `(batch or 1, n_queries,
             n_coordinates)`, each query's coordinates, with `key_positions`
             `(batch or 1, n_keys, n_coordinates)`, instead of
             `relative_positions`: the layer forms the offsets `key -
@@ -149,8 +154,8 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             sequence_positions`, `grid_positions`). In self attention
             `key_positions` defaults to `query_positions`. Offsets must fit
             int32 (coordinates within 2**31 of each other).
-        key_positions: see `query_positions`.
-        content_queries_mask, content_keys_mask, content_values_mask: Keras
+        - `key_positions`: see `query_positions`.
+        - `content_queries_mask`, `content_keys_mask`, `content_values_mask`: Keras
             masks `(batch, length)`, filled in by Keras from the inputs'
             masks; the keys' and values' masks mask keys (in self attention
             the queries' mask is the keys' mask). They combine with `mask`.
@@ -162,18 +167,17 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         mask. `logits`: `(batch, n_queries, n_keys, n_heads +
         n_additional_heads)`, unmasked, bias included.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_relattn import RelativeAttention
-    >>> table = np.random.normal(size=(16, 32)).astype("float32")
-    >>> layer = RelativeAttention(32, n_heads=4, position_embedding=table)
-    >>> x = np.random.normal(size=(2, 10, 32)).astype("float32")
-    >>> positions = np.arange(10)[None, :] - np.arange(10)[:, None]
-    >>> positions = positions[None, :, :, None]  # (1, queries, keys, 1)
-    >>> pooled, logits = layer(x, x, x, relative_positions=positions)
-    >>> tuple(pooled.shape), tuple(logits.shape)
-    ((2, 10, 32), (2, 10, 10, 4))
+    Examples:
+        >>> import numpy as np
+        >>> from keras_relattn import RelativeAttention
+        >>> table = np.random.normal(size=(16, 32)).astype("float32")
+        >>> layer = RelativeAttention(32, n_heads=4, position_embedding=table)
+        >>> x = np.random.normal(size=(2, 10, 32)).astype("float32")
+        >>> positions = np.arange(10)[None, :] - np.arange(10)[:, None]
+        >>> positions = positions[None, :, :, None]  # (1, queries, keys, 1)
+        >>> pooled, logits = layer(x, x, x, relative_positions=positions)
+        >>> tuple(pooled.shape), tuple(logits.shape)
+        ((2, 10, 32), (2, 10, 10, 4))
 
     References:
         - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled

@@ -86,41 +86,41 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
     `keras_relattn.load_edspdf_state_dict` / `edspdf_state_dict`.
 
     Args:
-        input_size: int, feature size of the embeddings.
-        num_heads: int, attention heads.
-        dropout_p: float, dropout of the attention and of the residual
+        input_size (int): feature size of the embeddings.
+        num_heads (int): attention heads.
+        dropout_p (float): dropout of the attention and of the residual
             branches.
-        head_size: int, size of each attention head (default
+        head_size (int): size of each attention head (default
             `input_size // num_heads`).
         activation: `"gelu"` (exact, as torch's: edspdf's default),
             `"gelu_tanh"` (its tanh approximation), or any Keras activation
             (`"relu"`, `"silu"`, a registered function).
-        init_resweight: float, initial value of the residual gates.
+        init_resweight (float): initial value of the residual gates.
         attention_mode: terms of the attention, see `RelativeAttention`.
         position_embedding: optional `(n_positions, position_size)` array, the
             attention's own table.
-        n_coordinates: int, coordinates of a relative position (edspdf's
+        n_coordinates (int): coordinates of a relative position (edspdf's
             layer always uses 2).
         position_embedding_shape: optional, as in `RelativeAttention`; use
             `(None, position_size)` to pass a shared table at call time.
-        position_embedding_trainable: bool, whether an owned table trains.
-        layer_norm_epsilon: float, default 1e-5 as `torch.nn.LayerNorm`.
+        position_embedding_trainable (bool): whether an owned table trains.
+        layer_norm_epsilon (float): default 1e-5 as `torch.nn.LayerNorm`.
         **kwargs: other `keras.layers.Layer` arguments.
 
     Call arguments:
-        embeds: `(batch, length, input_size)`.
-        mask: `(batch, length)` bool, True = a real element. Filled from the
+        - `embeds`: `(batch, length, input_size)`.
+        - `mask`: `(batch, length)` bool, True = a real element. Filled from the
             embeddings' Keras mask when not given. `None`: all real.
-        relative_positions: `(batch or 1, length, length, n_coordinates)`
+        - `relative_positions`: `(batch or 1, length, length, n_coordinates)`
             int tensor.
-        positions: `(batch or 1, length, n_coordinates)` int tensor, each
+        - `positions`: `(batch or 1, length, n_coordinates)` int tensor, each
             token's coordinates, instead of `relative_positions`: the
             attention forms the offsets block by block (see
             `RelativeAttention`'s `query_positions`).
-        no_position_mask: `(batch or 1, length, length)` bool.
-        position_embedding: optional shared table for the attention.
-        training: bool.
-        return_logits: bool, default True. False returns the embeddings
+        - `no_position_mask`: `(batch or 1, length, length)` bool.
+        - `position_embedding`: optional shared table for the attention.
+        - `training`: bool.
+        - `return_logits` (bool): default True. False returns the embeddings
             alone and runs the attention's pooled-only path (faster, and
             long inputs in bounded memory): the way to run a stack.
 
@@ -129,17 +129,16 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         `(batch, length, length, num_heads)`; `embeds` alone with
         `return_logits=False`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_relattn import RelativeTransformerLayer
-    >>> from keras_relattn.positions import grid_relative_positions
-    >>> layer = RelativeTransformerLayer(32, num_heads=2, init_resweight=0.1,
-    ...     position_embedding=np.random.normal(size=(9, 16)).astype("float32"))
-    >>> x = np.random.normal(size=(2, 6, 32)).astype("float32")
-    >>> out, logits = layer(x, relative_positions=grid_relative_positions(2, 3))
-    >>> tuple(out.shape), tuple(logits.shape)
-    ((2, 6, 32), (2, 6, 6, 2))
+    Examples:
+        >>> import numpy as np
+        >>> from keras_relattn import RelativeTransformerLayer
+        >>> from keras_relattn.positions import grid_relative_positions
+        >>> layer = RelativeTransformerLayer(32, num_heads=2, init_resweight=0.1,
+        ...     position_embedding=np.random.normal(size=(9, 16)).astype("float32"))
+        >>> x = np.random.normal(size=(2, 6, 32)).astype("float32")
+        >>> out, logits = layer(x, relative_positions=grid_relative_positions(2, 3))
+        >>> tuple(out.shape), tuple(logits.shape)
+        ((2, 6, 32), (2, 6, 6, 2))
 
     References:
         - edspdf, `edspdf.layers.box_transformer.BoxTransformerLayer`.

@@ -38,6 +38,6 @@ def public_objects():
 @pytest.mark.parametrize("obj", public_objects(), ids=lambda o: o.__name__)
 def test_public_names_have_kerashub_style_docstrings(obj):
     doc = obj.__doc__ or ""
-    for section in ("Args:", "Returns:", "Example:", "References:"):
+    for section in ("Args:", "Returns:", "Examples:", "References:"):
         assert section in doc, f"{obj.__name__} lacks {section}"
     assert ">>>" in doc

@@ -1,9 +1,13 @@
-"""The README is what runs: its commands, its code, its tables.
+"""The README and the documentation site are what runs: their commands,
+their code, their tables.
 
-Its first two commands (the demo and the tests) and `.ci/run`, every Python
-block (unless marked not executed), the `LayoutMap` lines, the error table
-(error_cases.py) and the performance tables (benchmarks/*.json).
+The README's first two commands (the demo and the tests) and `.ci/run`;
+every Python block of the README and of the site's pages (unless marked not
+executed); the `LayoutMap` lines and the error table (error_cases.py) of the
+guides; the performance tables (benchmarks/*.json); the site's strict build.
 """
+
+import glob
 
 import os
 import re
@@ -40,32 +44,68 @@ def test_ci_runs_the_readme_test_command():
     assert readme_commands()[1] in ci
 
 
-def readme_python_blocks():
-    text = readme()
+DOCUMENTS = ["README.md"] + sorted(
+    os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                      recursive=True)
+)
+
+
+def text_of(document):
+    with open(os.path.join(ROOT, document)) as f:
+        return f.read()
+
+
+def python_blocks():
+    """`(document, index, code)` of every Python block to run."""
     blocks = []
-    for match in re.finditer(r"(<!--[^>]*-->\n)?```python\n(.*?)\n```", text, re.S):
-        if match.group(1) and "not executed" in match.group(1):
-            continue
-        blocks.append(match.group(2))
+    for document in DOCUMENTS:
+        pattern = r"(<!--[^>]*-->\n)?```python\n(.*?)\n```"
+        for index, match in enumerate(re.finditer(pattern, text_of(document), re.S)):
+            if match.group(1) and "not executed" in match.group(1):
+                continue
+            blocks.append((document, index, match.group(2)))
     return blocks
 
 
-@pytest.mark.parametrize("index", range(len(readme_python_blocks())))
-def test_readme_python_block_runs(index):
-    exec(compile(readme_python_blocks()[index], f"README block {index}", "exec"), {})
+BLOCKS = python_blocks()
 
 
-def test_readme_layout_map_is_the_one_tested():
+@pytest.mark.parametrize("document, index, code", BLOCKS,
+                         ids=[f"{document}-{index}" for document, index, _ in BLOCKS])
+def test_python_block_runs(document, index, code):
+    exec(compile(code, f"{document} block {index}", "exec"), {})
+
+
+def test_the_guides_layout_map_is_the_one_tested():
     with open(os.path.join(ROOT, "tests", "distribution_check.py")) as f:
         check = f.read()
-    for line in re.findall(r'^layouts\["[^\n]*', readme(), re.M):
+    lines = re.findall(r'^layouts\["[^\n]*', text_of("docs/guides/keras.md"), re.M)
+    assert lines
+    for line in lines:
         assert line.strip() in check.replace("    layouts", "layouts"), line
 
 
-def test_readme_has_the_error_table():
-    text = readme()
+def test_the_errors_guide_has_the_error_table():
+    text = text_of("docs/guides/errors.md")
     for case in CASES:
         assert f"| {case.situation} | `{case.error.__name__}` |" in text
+
+
+def test_readme_is_a_short_path():
+    assert len(readme().splitlines()) <= 150
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict`: a broken reference, link or docstring fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for page in ("index.html", "api/relative_attention/index.html", "guides/keras/index.html"):
+        assert (tmp_path / page).exists(), page
+    reference = (tmp_path / "api" / "relative_attention" / "index.html").read_text()
+    assert "position_embedding_shape" in reference and "query_positions" in reference
 
 
 def test_demo_prints_its_own_lines_only():
@@ -85,7 +125,7 @@ def test_readme_performance_tables_are_the_benchmark_runs():
     import runpy
 
     script = runpy.run_path(os.path.join(ROOT, "benchmarks", "readme_tables.py"))
-    for key, text in script["tables"]().items():
+    for key, text in script["tables"]().items():  # each in the document it belongs to
         document = script["DOCUMENTS"][key]
         with open(os.path.join(ROOT, document)) as f:
             assert f"<!-- {key} -->\n{text}\n" in f.read(), f"{document}: table {key} is stale"
