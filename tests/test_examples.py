@@ -1,0 +1,41 @@
+"""The example on real data (examples/digits.py): a shortened run on this
+backend, and the numbers in its documentation page are its full run's."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+from helpers import BACKEND
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "digits.py")
+
+
+def test_the_digits_example_runs_shortened(tmp_path):
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["backend"] == BACKEND and results["train_images"] == 200
+    for kind in ("relative", "absolute"):
+        accuracy = results["models"][kind]["accuracy"]
+        assert set(accuracy) == {"0", "1", "2"}
+        assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    for figure in ("accuracy.png", "logits.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+
+
+def test_the_digits_page_shows_the_committed_run():
+    example = runpy.run_path(SCRIPT)
+    with open(os.path.join(ROOT, "docs", "examples", "results.json")) as f:
+        results = json.load(f)
+    assert results["epochs"] == 30 and results["train_images"] == 1297
+    with open(os.path.join(ROOT, "docs", "examples", "digits.md")) as f:
+        page = f.read()
+    assert "<!-- digits -->\n" + example["table"](results) + "\n" in page
