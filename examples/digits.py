@@ -76,6 +76,20 @@ class MHABlock(keras.layers.Layer):
         return self.norm2(x + self.linear2(self.linear1(x)))
 
 
+class AbsolutePositions(keras.layers.Layer):
+    """Learned absolute position embeddings, one per pixel, added to the
+    tokens (BERT's, or ViT's)."""
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            shape=(input_shape[1], input_shape[2]), initializer="random_normal",
+            name="embeddings",
+        )
+
+    def call(self, x):
+        return x + self.embeddings[None]
+
+
 def build(kind):
     from keras_relattn import RelativeTransformerLayer, sinusoidal_table
     from keras_relattn.positions import grid_positions
@@ -90,7 +104,7 @@ def build(kind):
                 position_embedding=sinusoidal_table(32, WIDTH), name=f"block{i}",
             )(x, positions=grid, return_logits=False)
     else:
-        x = x + keras.layers.Embedding(64, WIDTH)(keras.ops.arange(64)[None])
+        x = AbsolutePositions()(x)
         for i in range(BLOCKS):
             x = MHABlock(name=f"block{i}")(x)
     x = keras.layers.GlobalAveragePooling1D()(x)
