@@ -102,7 +102,8 @@ def test_attention_round_trips_end_in_edspdf(mode, sharing, table, rng):
     assert_close(layer(**inputs), run_edspdf(into_edspdf(layer, fresh), inputs))
 
 
-TRANSFORMER_CASES = [
+# The transformer layers share no projection: every mode, with and without a table.
+MODE_TABLE_CASES = [
     pytest.param(mode, table, id=f"{'+'.join(mode)}-{'table' if table else 'none'}")
     for mode in ALL_MODES
     for table in (True, False)
@@ -110,7 +111,7 @@ TRANSFORMER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode, table", TRANSFORMER_CASES)
+@pytest.mark.parametrize("mode, table", MODE_TABLE_CASES)
 def test_transformer_layer_round_trips_end_in_edspdf(mode, table, rng):
     from edspdf.layers.box_transformer import BoxTransformerLayer
 
@@ -152,15 +153,7 @@ def test_transformer_layer_round_trips_end_in_edspdf(mode, table, rng):
                  edspdf_forward(into_edspdf(ours, fresh)))
 
 
-BOX_CASES = [
-    pytest.param(mode, table, id=f"{'+'.join(mode)}-{'table' if table else 'none'}")
-    for mode in ALL_MODES
-    for table in (True, False)
-    if valid(mode, table)
-]
-
-
-@pytest.mark.parametrize("mode, table", BOX_CASES)
+@pytest.mark.parametrize("mode, table", MODE_TABLE_CASES)
 def test_box_transformer_round_trips_end_in_edspdf(mode, table, rng):
     from edspdf.layers.box_transformer import BoxTransformerModule
     from test_box_transformer import SIZE, pages
