@@ -4,10 +4,11 @@ recomputed in the backward pass draws again identically.
 The pooled path (`return_logits=False`) works through blocks of queries so
 that no `(batch, heads, queries, keys)` tensor exists for the whole input
 (`query_blocks`). When there are several and the input is long
-(`recomputes`), each block runs through `_kernels.checkpoint`: autodiff
-keeps the block's inputs and output only,
-and the backward pass recomputes its logits and softmax, one block at a
-time, as FlashAttention-2's backward does. A recomputed block must draw the
+(`recomputes`), each block is recomputed in the backward pass
+(`_kernels.recomputed_blocks`, else `_kernels.checkpoint` per block):
+autodiff keeps the blocks' inputs and outputs only, and the backward pass
+recomputes their logits and softmax one block at a time, as
+FlashAttention-2's backward does. A recomputed block must draw the
 same dropout mask: `keep_mask` is a pure function of a per-call seed and of
 each weight's coordinates.
 """
@@ -18,6 +19,14 @@ from keras import ops
 from keras_relattn import _checks, _kernels
 
 
+def _static_sizes(q, k):
+    """`(batch, n_queries, n_keys)`, or None unless all are statically known
+    (a traced size is never tested in Python)."""
+    batch, n_queries = _checks.shape_of(q)[:2]
+    n_keys = _checks.shape_of(k)[1]
+    return None if None in (batch, n_queries, n_keys) else (batch, n_queries, n_keys)
+
+
 def query_blocks(q, k, n_heads):
     """Slices of the queries to pool one after the other.
 
@@ -26,10 +35,10 @@ def query_blocks(q, k, n_heads):
     `_kernels.pooling_block_elements()`; never a Python test of a traced
     size.
     """
-    batch, n_queries = _checks.shape_of(q)[:2]
-    n_keys = _checks.shape_of(k)[1]
-    if None in (batch, n_queries, n_keys):
+    sizes = _static_sizes(q, k)
+    if sizes is None:
         return [slice(None)]
+    batch, n_queries, n_keys = sizes
     per_query = max(1, batch * n_heads * n_keys)
     rows = max(1, _kernels.pooling_block_elements() // per_query)
     if rows >= n_queries:
@@ -47,10 +56,10 @@ RECOMPUTE_ELEMENTS = 2**23
 def recomputes(q, k, n_heads):
     """Whether the pooled path's blocks are recomputed in the backward pass:
     sizes statically known and above `RECOMPUTE_ELEMENTS`."""
-    batch, n_queries = _checks.shape_of(q)[:2]
-    n_keys = _checks.shape_of(k)[1]
-    if None in (batch, n_queries, n_keys):
+    sizes = _static_sizes(q, k)
+    if sizes is None:
         return False
+    batch, n_queries, n_keys = sizes
     return batch * n_heads * n_queries * n_keys > RECOMPUTE_ELEMENTS
 
 

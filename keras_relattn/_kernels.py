@@ -25,6 +25,7 @@ eager, head-major gathered straight into `(batch, heads, queries, keys)` (see
 gather) and transposed: W1 4.4 vs 5.5 ms.
 """
 
+import functools
 import math
 
 import keras
@@ -684,7 +685,7 @@ def recomputed_blocks(fn, blocks, tensors):
       `jax.jit`); a loop's iterations run one after the other.
     - torch (eager, gradients recorded): one `autograd.Function` whose
       backward recomputes one block at a time and adds its gradients in
-      place into buffers allocated once (`_RecomputedBlocks`).
+      place into buffers allocated once (`_recomputed_blocks_function`).
     """
     backend = keras.backend.backend()
     size = blocks[0].stop - blocks[0].start
@@ -713,13 +714,10 @@ def recomputed_blocks(fn, blocks, tensors):
     return None
 
 
-_RECOMPUTED_BLOCKS = []
-
-
+@functools.cache
 def _recomputed_blocks_function():
-    """The torch `autograd.Function` of `recomputed_blocks` (made once)."""
-    if _RECOMPUTED_BLOCKS:
-        return _RECOMPUTED_BLOCKS[0]
+    """The torch `autograd.Function` of `recomputed_blocks` (made once, on
+    first use: torch is imported only on that backend)."""
     import torch
 
     class RecomputedBlocks(torch.autograd.Function):
@@ -761,5 +759,4 @@ def _recomputed_blocks_function():
                 del out, inputs, grads
             return (None, None, *(sums.get(i) for i in range(len(tensors))))
 
-    _RECOMPUTED_BLOCKS.append(RecomputedBlocks)
     return RecomputedBlocks

@@ -27,9 +27,6 @@ _CHECKED_CALL_ARGUMENTS = (
 _CALL_ARGUMENTS = (
     "content_queries", "content_keys", "content_values", *_CHECKED_CALL_ARGUMENTS,
 )
-# Converted integer inputs whose 64-bit values are clamped first (see
-# `_convert_input`).
-_OFFSET_ARGUMENTS = ("relative_positions",)
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -657,7 +654,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             if value.dtype == np.float64:
                 value = value.astype("float32")
         if (
-            name in _OFFSET_ARGUMENTS
+            name == "relative_positions"
             and isinstance(value, np.ndarray)
             and value.dtype.kind in "iu"
             and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
