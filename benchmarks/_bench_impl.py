@@ -427,7 +427,7 @@ def run_model(args):
 
 # --long: peak memory and time of a pooled-only eager call at long lengths ----------
 
-LONG_SYSTEMS = ("ours", "ours_tokens", "keras_mha")
+LONG_SYSTEMS = ("ours", "ours_tokens", "keras_mha", "box_transformer")
 
 
 def _rss(field):
@@ -451,6 +451,14 @@ def _long_inputs(system, length):
         return x, mask, positions.sequence_relative_positions(length)
     if system == "ours_tokens":
         return x, mask, positions.sequence_positions(length)
+    if system == "box_transformer":  # one page of `length` lines, 40 to a column
+        line = np.arange(length)
+        x0 = (line // 40 % 4 * 0.25 + 0.01).astype("float32")[None]
+        y0 = (line % 40 * 0.024 + 0.02).astype("float32")[None]
+        width, height = np.full_like(x0, 0.2), np.full_like(x0, 0.02)
+        boxes = dict(xmin=x0, ymin=y0, xmax=x0 + width, ymax=y0 + height, width=width,
+                     height=height)
+        return x, mask, {k: keras.ops.convert_to_tensor(v) for k, v in boxes.items()}
     return x, mask
 
 
@@ -461,6 +469,12 @@ def _long_call(system, backward):
     if system == "keras_mha":
         layer = keras.layers.MultiHeadAttention(HEADS, SIZE // HEADS)
         return layer, lambda x, mask: ((x, x), dict(attention_mask=mask[:, None, :]))
+    if system == "box_transformer":  # one layer; its shared table always trains
+        from keras_relattn import BoxTransformer
+
+        layer = BoxTransformer(SIZE, num_heads=HEADS, n_relative_positions=POSITIONS,
+                               n_layers=1)
+        return layer, lambda x, mask, boxes: ((x, boxes), dict(mask=mask))
     layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
                               position_embedding_trainable=backward)
     name = "relative_positions" if system == "ours" else "query_positions"
@@ -581,7 +595,7 @@ def run_long(args):
             print(f"{length:7} {system:12} {ms:9.1f} {peak / 2**20:14.1f}", flush=True)
     for length in lengths:
         mha = points.get("keras_mha", {}).get(length)
-        for system in ("ours", "ours_tokens"):
+        for system in ("ours", "ours_tokens", "box_transformer"):
             ours = points.get(system, {}).get(length)
             if mha and ours:
                 print(f"{length:7} {system:12} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "

@@ -49,7 +49,9 @@ def parse(argv):
                    help="peak memory and time of one pooled-only eager call at long lengths "
                         "(with --backward: one forward + backward)")
     p.add_argument("--long-systems", default="ours,ours_tokens,keras_mha",
-                   help="of ours (n x n offsets), ours_tokens (per-token positions), keras_mha")
+                   help="of ours (n x n offsets), ours_tokens (per-token positions), keras_mha, "
+                        "box_transformer (a 1-layer BoxTransformer over one page of n lines: "
+                        "its box offsets are formed per block)")
     p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--long-mha-max", type=int, default=8192,
                    help="longest length run for Keras MHA in --long (it holds n x n)")

@@ -370,10 +370,24 @@ def take_rows(x, axis, rows):
     return x[(slice(None),) * axis + (rows,)]
 
 
-class TokenOffsets:
-    """Relative positions `key - query` formed from per-token coordinates,
-    one block of queries at a time (`rows(...)`): no `(queries, keys)`
-    offsets tensor exists for the whole input.
+class BlockOffsets:
+    """Relative positions formed one block of queries at a time (`rows`),
+    so that no `(queries, keys)` offsets tensor exists for the whole input;
+    `PositionTerms` reads them wherever it reads a `relative_positions`
+    tensor."""
+
+    def rows(self, rows=slice(None)):
+        """`(batch or 1, rows, keys, coordinates)` int32 offsets."""
+        raise NotImplementedError
+
+    def keep(self, rows=slice(None)):
+        """A 0/1 factor on the position terms of these rows, broadcastable
+        to `(batch, rows, keys)`, or None (every pair has them)."""
+        return None
+
+
+class TokenOffsets(BlockOffsets):
+    """Relative positions `key - query` formed from per-token coordinates.
 
     Args:
         query_positions: `(batch or 1, queries, coordinates)` integers.
@@ -390,9 +404,51 @@ class TokenOffsets:
         self.key = ops.cast(key_positions, "int32")
 
     def rows(self, rows=slice(None)):
-        """`(batch or 1, rows, keys, coordinates)` offsets."""
         query = take_rows(self.query, 1, rows)
         return self.key[:, None, :, :] - query[:, :, None, :]
+
+
+class BoxOffsets(BlockOffsets):
+    """edspdf's box offsets (`positions.box_relative_positions`, whose
+    formula `_box_pair_offsets` is) formed from the boxes, with a leading
+    token (`BoxTransformer`'s CLS) that has no position terms: what edspdf's
+    `BoxTransformerModule` gives its layers as a `(pages, lines + 1,
+    lines + 1, 2)` offsets tensor and `(pages, lines + 1, lines + 1)`
+    no-position mask, one block of queries at a time.
+
+    Args:
+        boxes: dict of `(pages, lines)` float tensors; `xmin`, `ymin`, `ymax`
+            and `height` are read.
+        n_relative_positions (int): the scale of the x offsets.
+        dtype: dtype of the `keep` factor (the logits').
+    """
+
+    def __init__(self, boxes, n_relative_positions, dtype):
+        columns = [
+            ops.convert_to_tensor(boxes[key], "float32")
+            for key in ("xmin", "ymin", "ymax", "height")
+        ]
+        # The leading token's box: finite offsets (height 1), which its
+        # `keep` of 0 then removes from the terms.
+        leading = [0.0, 0.0, 0.0, 1.0]
+        self.boxes = [ops.pad(c, [[0, 0], [1, 0]], constant_values=v)
+                      for c, v in zip(columns, leading)]
+        self.n_relative_positions = n_relative_positions
+        n_tokens = ops.shape(self.boxes[0])[1]
+        self.has_terms = ops.cast(ops.arange(n_tokens) > 0, dtype)[None]  # (1, tokens)
+
+    def rows(self, rows=slice(None)):
+        from keras_relattn.positions import _box_pair_offsets
+
+        return _box_pair_offsets(
+            [take_rows(c, 1, rows)[:, :, None] for c in self.boxes],
+            [c[:, None, :] for c in self.boxes],
+            self.n_relative_positions,
+        )
+
+    def keep(self, rows=slice(None)):
+        query = take_rows(self.has_terms, 1, rows)
+        return query[:, :, None] * self.has_terms[:, None, :]
 
 
 class PositionTerms:
@@ -405,9 +461,10 @@ class PositionTerms:
         pos_q, pos_k: `(n_positions, coordinates, heads, chunk)` or None
             (term not computed); `pos_q` scaled.
         relative_positions: `(batch or 1, queries or 1, keys or 1,
-            coordinates)` integer offsets, any dtype, or a `TokenOffsets`
-            (per-token coordinates); turned into table rows (`table_index`)
-            block by block, so that no whole-input index exists at once.
+            coordinates)` integer offsets, any dtype, or `BlockOffsets`
+            (formed per block: `TokenOffsets`, `BoxOffsets`); turned into
+            table rows (`table_index`) block by block, so that no
+            whole-input index exists at once.
         no_position_mask: optional bool or 0/1 `(batch or 1, queries or 1,
             keys or 1)`: True zeroes both terms of that pair.
         layout: `"head_major"` or `"rows"` (see the module docstring); by
@@ -450,7 +507,7 @@ class PositionTerms:
         )
         self.batch, self.n_queries = ops.shape(q)[0], ops.shape(q)[1]
         self.n_keys = ops.shape(k)[1]
-        if isinstance(relative_positions, TokenOffsets):
+        if isinstance(relative_positions, BlockOffsets):
             self.offsets = relative_positions
         else:  # sizes of 1 broadcast over queries and keys (as in edspdf)
             self.offsets = ops.broadcast_to(
@@ -520,10 +577,8 @@ class PositionTerms:
         `reuse` (torch, no autograd): gather every term after the first into
         one spare buffer and add it in place; zero the masked pairs in place.
         """
-        if isinstance(self.offsets, TokenOffsets):
-            offsets = self.offsets.rows(rows)
-        else:
-            offsets = take_rows(self.offsets, 1, rows)
+        block = isinstance(self.offsets, BlockOffsets)
+        offsets = self.offsets.rows(rows) if block else take_rows(self.offsets, 1, rows)
         index = table_index(offsets, self.n_positions)
         total = spare = None
         for x, (c2p, p2c) in enumerate(self.scores):
@@ -538,8 +593,11 @@ class PositionTerms:
                     total.add_(spare)
                 else:
                     total = total + self._gather(scores, idx, term, rows)
-        if self.keep is not None:
-            keep = take_rows(self.keep, 1, rows)
+        keep = None if self.keep is None else take_rows(self.keep, 1, rows)
+        pairs = self.offsets.keep(rows) if block else None
+        if pairs is not None:
+            keep = pairs if keep is None else keep * pairs
+        if keep is not None:
             keep = keep[..., None] if self.heads_last else keep[:, None]
             total = total.mul_(keep) if reuse else total * keep
         return total

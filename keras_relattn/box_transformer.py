@@ -3,9 +3,8 @@
 import keras
 from keras import ops
 
-from keras_relattn import _checks
+from keras_relattn import _checks, _kernels
 from keras_relattn._calling import KeywordCallArguments
-from keras_relattn.positions import box_relative_positions
 from keras_relattn.transformer import RelativeTransformerLayer, serialize_activation
 
 BOX_KEYS = ("xmin", "ymin", "xmax", "ymax", "width", "height")
@@ -17,10 +16,15 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
 
     The equivalent of edspdf's `BoxTransformerModule`: a learnt empty
     ("CLS") embedding is prepended to every page, the relative positions of
-    the boxes are computed inside (`positions.box_relative_positions`, i.e.
-    edspdf's `compute_pdf_relative_positions`), the CLS row and column get no
+    the boxes are computed inside (the formula of
+    `positions.box_relative_positions`, i.e. edspdf's
+    `compute_pdf_relative_positions`), the CLS row and column get no
     position terms, every layer reads one shared trainable position table,
-    and the CLS row is removed from the output. Weights port both ways with
+    and the CLS row is removed from the output. The box offsets are formed
+    one block of lines at a time inside each layer, never as edspdf's
+    `(pages, lines + 1, lines + 1, 2)` tensor: with the pooled path's blocks
+    (`return_logits=False`, the default here), a page of many lines trains
+    in bounded memory. Weights port both ways with
     edspdf's names through `keras_relattn.load_edspdf_state_dict` /
     `edspdf_state_dict`.
 
@@ -159,29 +163,19 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         x = ops.concatenate([cls, ops.cast(embeds, dtype)], axis=1)
         keep = ops.concatenate([ops.ones((batch, 1), "bool"), mask], axis=1)
 
-        positions = no_positions = table = None
+        positions = table = None
         if self.n_relative_positions is not None:
-            missing = [key for key in BOX_KEYS if key not in boxes]
-            if missing:
-                raise ValueError(
-                    f"`boxes` lacks {missing}: it needs edspdf's keys {BOX_KEYS}, "
-                    "each a (pages, lines) float tensor."
-                )
-            relative = box_relative_positions(
-                boxes["xmin"], boxes["ymin"], boxes["xmax"], boxes["ymax"],
-                boxes["width"], boxes["height"], self.n_relative_positions,
-            )
-            # The CLS row and column: offset 0, and no position terms.
-            positions = ops.pad(relative, [[0, 0], [1, 0], [1, 0], [0, 0]])
-            lines = ops.pad(ops.ones((batch, length, length), "int32"), [[0, 0], [1, 0], [1, 0]])
-            no_positions = ops.equal(lines, 0)
+            self._check_boxes(boxes, *_checks.shape_of(embeds)[:2])
+            # edspdf's box offsets, formed one block of queries at a time:
+            # no (pages, lines + 1, lines + 1, 2) offsets tensor, and the CLS
+            # row and column get no position terms.
+            positions = _kernels.BoxOffsets(boxes, self.n_relative_positions, dtype)
             table = ops.cast(self.position_embedding, dtype)
 
         logits = []
         for layer in self.transformer_layers:
             out = layer(
-                x, mask=keep, relative_positions=positions, no_position_mask=no_positions,
-                position_embedding=table, training=training, return_logits=return_logits,
+                x, mask=keep, relative_positions=positions, position_embedding=table, training=training, return_logits=return_logits,
             )
             if return_logits:
                 x, layer_logits = out
@@ -191,9 +185,30 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         x = x[:, 1:]
         return (x, logits) if return_logits else x
 
+    @staticmethod
+    def _check_boxes(boxes, batch, length):
+        if not isinstance(boxes, dict):
+            raise TypeError(
+                f"`boxes` must be a dict of (pages, lines) float tensors with "
+                f"edspdf's keys {BOX_KEYS}; got {type(boxes).__name__}."
+            )
+        missing = [key for key in BOX_KEYS if key not in boxes]
+        if missing:
+            raise ValueError(
+                f"`boxes` lacks {missing}: it needs edspdf's keys {BOX_KEYS}, "
+                "each a (pages, lines) float tensor."
+            )
+        for key in BOX_KEYS:
+            _checks.check_shape(
+                f"boxes[{key!r}]", _checks.shape_of(boxes[key]), (batch, length),
+                "(pages, lines), as `embeds`",
+            )
+
     def compute_output_spec(self, embeds, boxes=None, mask=None, training=None,
                             return_logits=False, embeds_mask=None):
         batch, length = embeds.shape[0], embeds.shape[1]
+        if self.n_relative_positions is not None:  # symbolic models fail when built
+            self._check_boxes(boxes, batch, length)
         out = keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype)
         if not return_logits:
             return out

@@ -136,14 +136,14 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     offset is the difference of the boxes' left edges times
     `n_relative_positions`, truncated to an integer; the y offset counts, in
     line heights, the vertical gap between two boxes (0 where they overlap
-    vertically), signed key minus query. (`width` is accepted for parity
-    and, as in edspdf, unused.)
+    vertically), signed key minus query. (`x1` and `width` are accepted
+    for parity and, as in edspdf, unused.)
 
     Args:
         x0: float tensor `(pages, boxes)`, the boxes' left edges, in page
             units (edspdf uses coordinates relative to the page, in [0, 1]).
         y0: float tensor `(pages, boxes)`, top edges.
-        x1: float tensor `(pages, boxes)`, right edges.
+        x1: float tensor `(pages, boxes)`, right edges (unused, as in edspdf).
         y1: float tensor `(pages, boxes)`, bottom edges.
         width: float tensor `(pages, boxes)`, box widths (unused, as in
             edspdf).
@@ -166,15 +166,30 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     References:
         - edspdf, `edspdf.utils.torch.compute_pdf_relative_positions`.
     """
-    x0, y0, x1, y1, height = (
-        ops.convert_to_tensor(t, dtype="float32") for t in (x0, y0, x1, y1, height)
+    x0, y0, y1, height = (
+        ops.convert_to_tensor(t, dtype="float32") for t in (x0, y0, y1, height)
     )
-    dx = ops.cast((x0[:, None, :] - x0[:, :, None]) * n_relative_positions, "int32")
-    dy = y0[:, None, :] - y0[:, :, None]
+    return _box_pair_offsets(
+        (x0[:, :, None], y0[:, :, None], y1[:, :, None], height[:, :, None]),
+        (x0[:, None, :], y0[:, None, :], y1[:, None, :], height[:, None, :]),
+        n_relative_positions,
+    )
+
+
+def _box_pair_offsets(query, key, n_relative_positions):
+    """edspdf's box offsets (see `box_relative_positions`) of every pair of a
+    query box and a key box: `query` and `key` are `(x0, y0, y1, height)`
+    float32 tensors that broadcast against each other, `(pages, queries,
+    1)` and `(pages, 1, keys)`. The one formula of the whole-page helper and
+    of the per-block offsets of `BoxTransformer` (`_kernels.BoxOffsets`)."""
+    q_x0, q_y0, q_y1, q_height = query
+    k_x0, k_y0, k_y1, k_height = key
+    dx = ops.cast((k_x0 - q_x0) * n_relative_positions, "int32")
+    dy = k_y0 - q_y0
     # The query's height when the key is below it (dy >= 0), else the key's.
-    ref_height = ops.where(dy >= 0, height[:, :, None], height[:, None, :])
-    dy0 = y1[:, None, :] - y0[:, :, None]  # query top -> key bottom
-    dy1 = y0[:, None, :] - y1[:, :, None]  # query bottom -> key top
+    ref_height = ops.where(dy >= 0, q_height, k_height)
+    dy0 = k_y1 - q_y0  # query top -> key bottom
+    dy1 = k_y0 - q_y1  # query bottom -> key top
     offset = 0.5
     below = ops.logical_and(ops.sign(dy0 + offset) > 0, ops.sign(dy1 + offset) > 0)
     above = ops.logical_and(ops.sign(dy0 - offset) < 0, ops.sign(dy1 - offset) < 0)

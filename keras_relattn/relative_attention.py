@@ -551,7 +551,9 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
                     f"{self.position_embedding_shape[1]})`, so pass the table "
                     "at call time as `position_embedding=`."
                 )
-        if relative_positions is not None:
+        if isinstance(relative_positions, _kernels.BlockOffsets):
+            pass  # formed inside the package from checked inputs (`BoxTransformer`)
+        elif relative_positions is not None:
             _checks.check_integer("relative_positions", relative_positions)
             _checks.check_shape(
                 "relative_positions", _checks.shape_of(relative_positions),
@@ -647,7 +649,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         that Python lists become arrays and 64-bit integer offsets are
         clamped while still 64-bit (JAX without x64 wraps them to int32 on
         conversion; any offset beyond the bound lies beyond any table)."""
-        if value is None or isinstance(value, keras.KerasTensor):
+        if value is None or isinstance(value, (keras.KerasTensor, _kernels.BlockOffsets)):
             return value
         if isinstance(value, (list, tuple)):
             value = np.asarray(value)

@@ -32,6 +32,14 @@ def call(layer=None, **kwargs):
     return lambda: layer(**inputs)
 
 
+def box_call(drop=None, lines=None, as_list=False):
+    """A `BoxTransformer` call on 2 pages of 3 lines, its boxes spoilt."""
+    keys = ("xmin", "ymin", "xmax", "ymax", "width", "height")
+    boxes = {k: x(2, (lines or {}).get(k, 3)) for k in keys if k != drop}
+    layer = BoxTransformer(8, n_relative_positions=16)
+    return lambda: layer(x(2, 3, 8), list(boxes.values()) if as_list else boxes)
+
+
 class ErrorCase(NamedTuple):
     situation: str  # the README table's first column
     run: Callable[[], object]  # raises
@@ -121,4 +129,10 @@ CASES = [ErrorCase(*row) for row in [
      lambda: RelativeTransformerLayer(8, num_heads=0), ValueError, "`num_heads` must be >= 1"),
     ("`BoxTransformer` `n_layers < 1`", lambda: BoxTransformer(8, n_layers=0), ValueError,
      "`n_layers` must be >= 1"),
+    ("`BoxTransformer` boxes without a key", box_call(drop="height"), ValueError,
+     "`boxes` lacks ['height']"),
+    ("`BoxTransformer` boxes of other lines than `embeds`", box_call(lines={"ymin": 4}),
+     ValueError, "`boxes['ymin']` has shape (2, 4)"),
+    ("`BoxTransformer` boxes not a dict", box_call(as_list=True), TypeError,
+     "`boxes` must be a dict"),
 ]]

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import to_numpy
+from helpers import input_and_weight_gradients, to_numpy
 from keras_relattn import BoxTransformer, edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.box_transformer import BOX_KEYS
+from test_blockwise import small_blocks  # noqa: F401 (a fixture)
 
 torch = pytest.importorskip("torch")
 foldedtensor = pytest.importorskip("foldedtensor")
@@ -132,10 +133,78 @@ def test_embeddings_keras_mask_is_the_line_mask(rng):
     )
 
 
-def test_missing_box_keys_fail_clearly(rng):
-    layer = BoxTransformer(SIZE, n_relative_positions=32)
+def whole_page_inputs(boxes, n_relative_positions):
+    """What edspdf's `BoxTransformerModule` gives its layers: `(pages, lines
+    + 1, lines + 1, 2)` offsets (0 on the CLS row and column) and the
+    no-position mask of that row and column."""
+    from edspdf.utils.torch import compute_pdf_relative_positions
+
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in boxes.items()}
+    inner = compute_pdf_relative_positions(
+        t["xmin"], t["ymin"], t["xmax"], t["ymax"], t["width"], t["height"],
+        n_relative_positions=n_relative_positions,
+    ).numpy()
+    pages, lines = inner.shape[:2]
+    offsets = np.zeros((pages, lines + 1, lines + 1, 2), "int64")
+    offsets[:, 1:, 1:] = inner
+    no_position = np.ones((pages, lines + 1, lines + 1), bool)
+    no_position[:, 1:, 1:] = False
+    return offsets, no_position
+
+
+@pytest.mark.parametrize("rows", [slice(None), slice(0, 2), slice(2, 5), slice(5, 6)])
+def test_box_offsets_per_block_equal_edspdfs_whole_page_tensors(rows, rng):
+    from keras_relattn._kernels import BoxOffsets
+
     _, ours = pages(rng)
-    boxes = dict(ours["boxes"])
-    del boxes["height"]
-    with pytest.raises(ValueError, match="lacks \\['height'\\]"):
-        layer(ours["embeds"], boxes)
+    offsets, no_position = whole_page_inputs(ours["boxes"], 32)
+    block = BoxOffsets(ours["boxes"], 32, "float32")
+    keep = np.broadcast_to(to_numpy(block.keep(rows)), no_position[:, rows].shape)
+    np.testing.assert_array_equal(keep, ~no_position[:, rows])
+    # Pairs without position terms may hold any offset (edspdf's are 0);
+    # padded lines (height 0) give both the most negative integer.
+    real = np.pad(ours["mask"], [[0, 0], [1, 0]])
+    pairs = (keep > 0) & real[:, rows, None] & real[:, None, :]
+    got = to_numpy(block.rows(rows))
+    np.testing.assert_array_equal(got[pairs], offsets[:, rows][pairs])
+
+
+def test_long_pages_in_blocks_equal_edspdf_and_the_full_paths_gradients(
+        small_blocks, rng):
+    """Pages of 9 lines in blocks of 2 queries, each recomputed: the box
+    offsets are formed block by block (no whole-page tensor)."""
+    kwargs = dict(num_heads=2, n_relative_positions=32, init_resweight=0.5)
+    module = random_module(rng, **kwargs)
+    lengths = [9, 6, 8]
+    (embeds, boxes), ours = pages(rng, lengths)
+    leaf = embeds.as_tensor().clone().requires_grad_(True)
+    embeds = embeds.with_data(leaf)
+    output = module(embeds, boxes).as_tensor()
+    real = ours["mask"]
+    # The loss reads real lines only: padded ones are computed from padding
+    # (their NaN offsets cast differently on JAX).
+    probe = rng.normal(size=tuple(output.shape)).astype("float32") * real[..., None]
+    (output * torch.from_numpy(probe)).sum().backward()
+
+    layer = BoxTransformer(SIZE, **kwargs)
+    load_edspdf_state_dict(layer, module.state_dict())
+    got = to_numpy(layer(**ours))
+    assert small_blocks  # the pooled path ran in recomputed blocks
+    np.testing.assert_allclose(got[real], output.detach().numpy()[real], atol=1e-4)
+
+    def loss_fn(out):
+        pooled = out[0] if isinstance(out, tuple) else out
+        return keras.ops.sum(pooled * keras.ops.convert_to_tensor(probe))
+
+    def gradients(return_logits):
+        return input_and_weight_gradients(
+            layer, loss_fn, dict(ours, return_logits=return_logits), ["embeds"]
+        )
+
+    blockwise, full = gradients(False), gradients(True)
+    theirs = leaf.grad.numpy()
+    np.testing.assert_allclose(blockwise[0]["embeds"][real], theirs[real], atol=1e-4)
+    np.testing.assert_allclose(blockwise[0]["embeds"], full[0]["embeds"], atol=2e-5)
+    assert len(blockwise[1]) == len(layer.trainable_weights)
+    for i, (a, b) in enumerate(zip(blockwise[1], full[1])):
+        np.testing.assert_allclose(a, b, atol=2e-5, err_msg=layer.trainable_weights[i].path)

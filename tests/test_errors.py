@@ -11,7 +11,7 @@ import keras
 import pytest
 
 from error_cases import CASES, layer_2d
-from keras_relattn import RelativeAttention
+from keras_relattn import BoxTransformer, RelativeAttention
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.situation for c in CASES])
@@ -30,6 +30,9 @@ def test_symbolic_inputs_fail_when_the_model_is_built():
     rp = keras.Input((None, None, 3), dtype="int32")
     with pytest.raises(ValueError, match="n_coordinates"):
         layer_2d()(q, q, q, relative_positions=rp)
+    boxes = {k: keras.Input((None,)) for k in ("xmin", "ymin", "xmax", "ymax", "width")}
+    with pytest.raises(ValueError, match=r"`boxes` lacks \['height'\]"):
+        BoxTransformer(8, n_relative_positions=16)(q, boxes)
 
 
 def markdown():
@@ -39,8 +42,8 @@ def markdown():
             case.run()
         except case.error as e:  # noqa: PERF203
             message = re.sub(r"\s+", " ", str(e)).split("Arguments received")[0]
-            message = message.replace("Exception encountered when calling "
-                                      "RelativeAttention.call(). ", "")
+            message = re.sub(r"Exception encountered when calling \w+\.call\(\)\. ", "",
+                             message)
             message = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().replace("|", "\\|")
         lines.append(f"| {case.situation} | `{case.error.__name__}` | {message} |")
     return "\n".join(lines)
