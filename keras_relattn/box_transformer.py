@@ -207,8 +207,8 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
     def compute_output_spec(self, embeds, boxes=None, mask=None, training=None,
                             return_logits=False, embeds_mask=None):
         batch, length = embeds.shape[0], embeds.shape[1]
-        if self.n_relative_positions is not None:  # symbolic models fail when built
-            self._check_boxes(boxes, batch, length)
+        if self.n_relative_positions is not None and boxes is not None:
+            self._check_boxes(boxes, batch, length)  # symbolic models fail when built
         out = keras.KerasTensor((batch, length, self.input_size), dtype=self.compute_dtype)
         if not return_logits:
             return out

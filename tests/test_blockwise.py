@@ -169,21 +169,25 @@ def test_blockwise_gradients_match_edspdf_autograd(seed, small_blocks):
             assert_gradients_close(grad, theirs_parameters[entry.name], entry.name)
 
 
-def test_recomputed_dropout_draws_the_same_mask(small_blocks, monkeypatch, rng):
+# Compiled where the blocks are a loop with a traced first row (JAX, TensorFlow);
+# torch.compile checkpoints each block, as `test_blockwise_gradients_compiled` checks.
+@pytest.mark.parametrize("compiled", [False, True] if BACKEND != "torch" else [False])
+def test_recomputed_dropout_draws_the_same_mask(compiled, small_blocks, monkeypatch, rng):
     """The gradient through recomputed blocks equals the one through blocks
     kept whole, from the same seed state: the mask drawn again in the
-    backward is the forward's."""
+    backward is the forward's (compiled: the block's first row traced, in
+    JAX's `lax.map` and TensorFlow's `tf.while_loop`)."""
     layer = make_layer(rng, ("c2c", "c2p", "p2c"), dropout_p=0.4, seed=3)
     inputs = dict(case_inputs(rng), training=True)
     probe = rng.normal(size=(3, 7, 12)).astype("float32")
     generators = [g for g in layer._flatten_layers() if hasattr(g, "seed_generator")]
     states = [keras.ops.convert_to_numpy(g.seed_generator.state) for g in generators]
-    recomputed = pooled_gradients(layer, inputs, probe, return_logits=False)
+    recomputed = pooled_gradients(layer, inputs, probe, return_logits=False, compiled=compiled)
     for g, state in zip(generators, states):
         g.seed_generator.state.assign(state)
     monkeypatch.setattr(_kernels, "checkpoint", lambda fn, tensors: fn(*tensors))
     monkeypatch.setattr(_kernels, "recomputed_blocks", lambda fn, blocks, tensors: None)
-    kept = pooled_gradients(layer, inputs, probe, return_logits=False)
+    kept = pooled_gradients(layer, inputs, probe, return_logits=False, compiled=compiled)
     assert_same_gradients(recomputed, kept)
     assert np.abs(recomputed[1][0]).max() > 0
 
