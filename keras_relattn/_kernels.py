@@ -796,42 +796,41 @@ def _tensorflow_recomputed_blocks(fn, blocks, tensors):
     size = blocks[0].stop - blocks[0].start
     n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
 
-    def each_block(step, state):
-        """`state = step(rows, state)` over the blocks in order: a
-        `tf.while_loop` over the equal ones in a graph, then the last."""
+    def looped(step, state):
+        """`step(block's BlockRows, state)` over the equal blocks in one
+        `tf.while_loop` (a graph), or None where the blocks are a Python
+        loop (eagerly, or a single equal block)."""
         if tf.executing_eagerly() or n_equal < 2:
-            for rows in blocks:
-                state = step(rows, state)
-            return state
+            return None
 
         def body(i, state):
             return i + 1, step(BlockRows(i * size, size), state)
 
-        _, state = tf.while_loop(
+        return tf.while_loop(
             lambda i, _: i < n_equal, body, (tf.constant(0), state),
             maximum_iterations=n_equal,
-        )
-        for rows in blocks[n_equal:]:
+        )[1]
+
+    def each_block(step, state):
+        """`state = step(rows, state)` over the blocks in order."""
+        done = looped(step, state)
+        rest = blocks if done is None else blocks[n_equal:]
+        state = state if done is None else done
+        for rows in rest:
             state = step(rows, state)
         return state
 
     def forward(held):
-        if tf.executing_eagerly() or n_equal < 2:
-            return tf.concat([fn(rows, *held) for rows in blocks], axis=1)
         # Every float input is in the layer's compute dtype, as the output.
-        written = tf.TensorArray(held[0].dtype, size=n_equal)
-
-        def body(i, written):
-            return i + 1, written.write(i, fn(BlockRows(i * size, size), *held))
-
-        _, written = tf.while_loop(
-            lambda i, _: i < n_equal, body, (tf.constant(0), written),
-            maximum_iterations=n_equal,
+        written = looped(
+            lambda rows, written: written.write(rows.start // size, fn(rows, *held)),
+            tf.TensorArray(held[0].dtype, size=n_equal),
         )
-        looped = written.stack()  # (blocks, batch, rows, ...)
-        looped = tf.experimental.numpy.swapaxes(looped, 0, 1)
-        shape = tf.shape(looped)
-        done = [tf.reshape(looped, tf.concat([shape[:1], [n_equal * size], shape[3:]], 0))]
+        if written is None:
+            return tf.concat([fn(rows, *held) for rows in blocks], axis=1)
+        stacked = tf.experimental.numpy.swapaxes(written.stack(), 0, 1)  # (b, blocks, rows, ...)
+        shape = tf.shape(stacked)
+        done = [tf.reshape(stacked, tf.concat([shape[:1], [n_equal * size], shape[3:]], 0))]
         done += [fn(rows, *held) for rows in blocks[n_equal:]]
         return done[0] if len(done) == 1 else tf.concat(done, axis=1)
 
