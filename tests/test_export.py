@@ -22,18 +22,23 @@ from helpers import BACKEND, to_numpy
 from keras_relattn import RelativeTransformerLayer
 
 SHAPES = [(1, 1), (2, 3), (3, 7)]  # (batch, length)
-PATHS = {"pooled_only": False, "full": True}  # return_logits
+# return_logits, and the positions' form: `(b, n, n, 1)` offsets, or `(b, n, 1)`
+# coordinates per token (`positions=`, offsets formed inside, block by block).
+PATHS = {"pooled_only": (False, "offsets"), "full": (True, "offsets"),
+         "pooled_only_per_token": (False, "tokens")}
 ATOL = 1e-5
 
 
-def model_and_data(rng, return_logits):
+def model_and_data(rng, return_logits, form="offsets"):
     ids = keras.Input((None,), dtype="int32", name="ids")
-    positions = keras.Input((None, None, 1), dtype="int32", name="positions")
+    shape = (None, None, 1) if form == "offsets" else (None, 1)
+    positions = keras.Input(shape, dtype="int32", name="positions")
     x = keras.layers.Embedding(20, 8)(ids)
     block = RelativeTransformerLayer(
         8, 2, n_coordinates=1, position_embedding_shape=(9, 8), init_resweight=0.5
     )
-    x = block(x, relative_positions=positions, return_logits=return_logits)
+    given = dict(relative_positions=positions) if form == "offsets" else dict(positions=positions)
+    x = block(x, **given, return_logits=return_logits)
     x = x[0] if return_logits else x
     model = keras.Model([ids, positions], keras.layers.Dense(3)(x))
     for weight in model.weights:
@@ -41,6 +46,9 @@ def model_and_data(rng, return_logits):
 
     def data(batch, length):
         tokens = rng.integers(0, 20, size=(batch, length)).astype("int32")
+        if form == "tokens":  # shifted: only differences matter
+            coords = np.arange(length)[None, :, None] + rng.integers(0, 5, size=(batch, 1, 1))
+            return tokens, coords.astype("int32")
         offsets = np.arange(length)[None, :] - np.arange(length)[:, None]
         rel = np.broadcast_to(offsets[None, :, :, None], (batch, length, length, 1))
         return tokens, np.ascontiguousarray(rel, dtype="int32")
@@ -58,7 +66,10 @@ def assert_serves_like_keras(serve, model, data):
 
 # jax2tf names each unknown dimension apart unless told that the positions'
 # lengths are the tokens' length.
-POLYMORPHIC = {"jax2tf_kwargs": {"polymorphic_shapes": [["(b, n)", "(b, n, n, 1)"]]}}
+POLYMORPHIC = {
+    form: {"jax2tf_kwargs": {"polymorphic_shapes": [["(b, n)", shape]]}}
+    for form, shape in (("offsets", "(b, n, n, 1)"), ("tokens", "(b, n, 1)"))
+}
 TF_OR_JAX = pytest.mark.skipif(
     BACKEND == "torch", reason="SavedModels are written by the TensorFlow and JAX backends"
 )
@@ -69,10 +80,10 @@ TF_OR_JAX = pytest.mark.skipif(
 def test_tf_saved_model_with_dynamic_batch_and_length(path, rng, tmp_path):
     import tensorflow as tf
 
-    model, data = model_and_data(rng, PATHS[path])
+    model, data = model_and_data(rng, *PATHS[path])
     target = str(tmp_path / "saved")
     model.export(target, format="tf_saved_model", verbose=False,
-                 **(POLYMORPHIC if BACKEND == "jax" else {}))
+                 **(POLYMORPHIC[PATHS[path][1]] if BACKEND == "jax" else {}))
     served = tf.saved_model.load(target)
     assert_serves_like_keras(lambda *x: served.serve(list(x)).numpy(), model, data)
 
@@ -87,7 +98,7 @@ def test_export_archive_with_dynamic_batch_and_length(rng, tmp_path):
     signature = [[keras.InputSpec(shape=(None, None), dtype="int32"),
                   keras.InputSpec(shape=(None, None, None, 1), dtype="int32")]]
     archive.add_endpoint("serve", model.__call__, input_signature=signature,
-                         **(POLYMORPHIC if BACKEND == "jax" else {}))
+                         **(POLYMORPHIC["offsets"] if BACKEND == "jax" else {}))
     target = str(tmp_path / "archive")
     archive.write_out(target, verbose=False)
     served = tf.saved_model.load(target)
@@ -108,7 +119,7 @@ def test_onnx_export_at_every_length(path, rng, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     if BACKEND == "tensorflow":
         pytest.importorskip("tf2onnx")
-    model, data = model_and_data(rng, PATHS[path])
+    model, data = model_and_data(rng, *PATHS[path])
     target = str(tmp_path / "model.onnx")
     model.export(target, format="onnx", verbose=False)
     session = ort.InferenceSession(target)
@@ -127,7 +138,7 @@ def test_onnx_export_at_every_length(path, rng, tmp_path):
 def test_litert_export_with_builtin_ops_only(path, rng, tmp_path):
     """A `x[:, :, None]` index became `FlexStridedSlice`, an op the plain
     interpreter refuses: the model must need no TensorFlow ops."""
-    model, data = model_and_data(rng, PATHS[path])
+    model, data = model_and_data(rng, *PATHS[path])
     target = str(tmp_path / "model.tflite")
     model.export(target, format="litert", verbose=False)
     try:
