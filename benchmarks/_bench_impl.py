@@ -483,9 +483,12 @@ def _long_call(system, backward):
     )
 
 
-def _train_step(layer, arguments):
-    """One eager forward + backward of `sum(pooled)`: the gradients of the
-    inputs and of every trainable weight."""
+def _train_step(layer, arguments, compiled=False):
+    """One forward + backward of `sum(pooled)`: the gradients of the inputs
+    and of every trainable weight. Eager, or `compiled` by XLA (JAX,
+    TensorFlow)."""
+    if compiled and BACKEND == "torch":
+        raise ValueError("--long-compiled runs on JAX and TensorFlow (XLA)")
     if BACKEND == "torch":
         def step(x, *rest):
             x = x.detach().requires_grad_(True)
@@ -503,6 +506,9 @@ def _train_step(layer, arguments):
                 args, kwargs = arguments(x, *rest)
                 loss = keras.ops.sum(layer(*args, **kwargs))
             return tape.gradient(loss, [x] + [w.value for w in layer.trainable_weights])[0]
+
+        if compiled:
+            return tf.function(step, jit_compile=True)
     else:
         import jax
 
@@ -512,16 +518,20 @@ def _train_step(layer, arguments):
             return keras.ops.sum(layer.stateless_call(trainable, non_trainable, *args,
                                                       **kwargs)[0])
 
+        gradient = jax.grad(loss, argnums=(0, 1))
+        if compiled:
+            gradient = jax.jit(gradient)
+
         def step(x, *rest):
             if not layer.built:  # stateless_call needs the variables
                 args, kwargs = arguments(x, *rest)
                 layer(*args, **kwargs)
             trainable = [w.value for w in layer.trainable_variables]
-            return jax.grad(loss, argnums=(0, 1))(x, trainable, rest)[0]
+            return gradient(x, trainable, rest)[0]
     return step
 
 
-def long_point(system, length, backward=False):
+def long_point(system, length, backward=False, compiled=False):
     """Two eager pooled-only calls of one shape (forward + backward with
     `backward`), in a fresh process, after one at length 16 (which loads the
     code): the time of the second call, and the peak resident memory above
@@ -529,12 +539,13 @@ def long_point(system, length, backward=False):
     made inside that window. torch and TensorFlow keep what they free, so
     their first call is read; JAX gives it back, so its second call is (its
     first also holds the compiler's own memory). Inference runs under
-    torch's `no_grad`."""
+    torch's `no_grad`. `compiled` (XLA): the first call at `length` is
+    read, compilation included; the warm-up at 16 only builds the layer."""
     import contextlib
 
     layer, arguments = _long_call(system, backward)
     if backward:
-        call = _train_step(layer, arguments)
+        call = _train_step(layer, arguments, compiled)
     else:
         def call(*inputs):
             args, kwargs = arguments(*inputs)
@@ -546,7 +557,7 @@ def long_point(system, length, backward=False):
         context = torch.no_grad
     with context():  # loads the code paths (torch imports its compiler lazily)
         keras.ops.convert_to_numpy(call(*_long_inputs(system, 16)))
-    measured = 1 if BACKEND == "jax" else 0
+    measured = 1 if BACKEND == "jax" and not compiled else 0
     times = []
     for attempt in range(2):
         if attempt == measured:
@@ -570,7 +581,8 @@ def run_long(args):
 
     lengths = [int(n) for n in args.long_lengths.split(",")]
     what = "forward + backward of the pooled output" if args.backward else "pooled-only call"
-    print(f"keras {keras.__version__}, backend {BACKEND} (eager): one {what}, "
+    how = "XLA-compiled, first call" if args.long_compiled else "eager"
+    print(f"keras {keras.__version__}, backend {BACKEND} ({how}): one {what}, "
           f"batch 1, {HEADS} heads, D={SIZE}, a {POSITIONS}-row table"
           f"{' (trainable)' if args.backward else ''}; each point in its own process; "
           "memory includes the inputs (ours: (1, n, n, 1) offsets; ours_tokens: (1, n, 1) "
@@ -584,7 +596,8 @@ def run_long(args):
                       f"{4 * 4 * length**2 / 2**30:.0f} GiB each)")
                 continue
             code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import _bench_impl as b; "
-                    f"print(json.dumps(b.long_point({system!r}, {length}, {args.backward})))")
+                    f"print(json.dumps(b.long_point({system!r}, {length}, {args.backward}, "
+                    f"{args.long_compiled})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["killed"])[-1]
@@ -600,5 +613,6 @@ def run_long(args):
             if mha and ours:
                 print(f"{length:7} {system:12} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "
                       f"memory {ours['peak_bytes'] / max(mha['peak_bytes'], 1):.2f}x")
-    return {"backend": BACKEND, "mode": "long_backward" if args.backward else "long",
+    mode = "long_backward" if args.backward else "long"
+    return {"backend": BACKEND, "mode": mode + ("_compiled" if args.long_compiled else ""),
             "points": points}

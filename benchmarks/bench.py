@@ -52,6 +52,10 @@ def parse(argv):
                    help="of ours (n x n offsets), ours_tokens (per-token positions), keras_mha, "
                         "box_transformer (a 1-layer BoxTransformer over one page of n lines: "
                         "its box offsets are formed per block)")
+    p.add_argument("--long-compiled", action="store_true",
+                   help="with --long --backward: the step compiled by XLA (jax.jit, "
+                        "tf.function(jit_compile=True)), its first call measured (the compiler's "
+                        "own memory included)")
     p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--long-mha-max", type=int, default=8192,
                    help="longest length run for Keras MHA in --long (it holds n x n)")

@@ -27,6 +27,8 @@ DOCUMENTS = {
     "cpu_pooled": "docs/performance.md",
     "cpu_long": "docs/performance.md",
     "cpu_long_training": "docs/performance.md",
+    "cpu_long_training_compiled": "docs/performance.md",
+    "cpu_long_box": "docs/performance.md",
     "cpu_forward": "docs/performance.md",
     "cpu_backward": "docs/performance.md",
     "gpu": "docs/performance.md",
@@ -185,6 +187,40 @@ def long_training_table():
     return "\n".join(lines)
 
 
+def long_compiled_table():
+    """The same step compiled by XLA, its first call (compilation included)."""
+    lines = [
+        "| backend | length | ours, per-token positions: ms / peak MiB "
+        "| Keras MHA: ms / peak MiB | ours / MHA: time, memory |",
+        "|---|---|---|---|---|",
+    ]
+    for backend, label in (("jax", "JAX, `jax.jit`"), ("tensorflow", "TensorFlow, XLA")):
+        points = load(f"long_backward_compiled_{backend}.json")["points"]
+        tokens, mha = points.get("ours_tokens", {}), points.get("keras_mha", {})
+        for length in sorted(set(tokens) | set(mha), key=int):
+            ours, theirs = tokens.get(length), mha.get(length)
+            ratio = "-"
+            if ours and theirs:
+                ratio = (f"{ours['ms'] / theirs['ms']:.2f}x, "
+                         f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}x")
+            cells = ["not run" if p is None else f"{p['ms']:.0f} / {mib(p['peak_bytes'])}"
+                     for p in (ours, theirs)]
+            lines.append(f"| {label} | {length} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+def long_box_table():
+    """A one-layer `BoxTransformer` over one page: fwd + bwd, eager."""
+    lines = ["| backend | lines | ms | peak MiB |", "|---|---|---|---|"]
+    for backend in ("jax", "tensorflow", "torch"):
+        points = load(f"long_backward_box_{backend}.json")["points"]["box_transformer"]
+        for length in sorted(points, key=int):
+            point = points[length]
+            lines.append(f"| {EAGER[backend]} | {length} | {point['ms']:.0f} | "
+                         f"{mib(point['peak_bytes'])} |")
+    return "\n".join(lines)
+
+
 def mib(peak_bytes):
     return "< 1" if peak_bytes < 2**20 else f"{peak_bytes / 2**20:.0f}"
 
@@ -195,6 +231,8 @@ def tables():
     found["cpu_pooled"] = pooled_table()
     found["cpu_long"] = long_table()
     found["cpu_long_training"] = long_training_table()
+    found["cpu_long_training_compiled"] = long_compiled_table()
+    found["cpu_long_box"] = long_box_table()
     return found
 
 
