@@ -404,8 +404,10 @@ class TokenOffsets(BlockOffsets):
         self.key = ops.cast(key_positions, "int32")
 
     def rows(self, rows=slice(None)):
+        # `expand_dims`, not `x[:, None]`: LiteRT's converter makes that
+        # index a `FlexStridedSlice`, which its builtin interpreter lacks.
         query = take_rows(self.query, 1, rows)
-        return self.key[:, None, :, :] - query[:, :, None, :]
+        return ops.expand_dims(self.key, 1) - ops.expand_dims(query, 2)
 
 
 class BoxOffsets(BlockOffsets):
@@ -440,15 +442,15 @@ class BoxOffsets(BlockOffsets):
     def rows(self, rows=slice(None)):
         from keras_relattn.positions import _box_pair_offsets
 
-        return _box_pair_offsets(
-            [take_rows(c, 1, rows)[:, :, None] for c in self.boxes],
-            [c[:, None, :] for c in self.boxes],
+        return _box_pair_offsets(  # `expand_dims`: see `TokenOffsets.rows`
+            [ops.expand_dims(take_rows(c, 1, rows), 2) for c in self.boxes],
+            [ops.expand_dims(c, 1) for c in self.boxes],
             self.n_relative_positions,
         )
 
     def keep(self, rows=slice(None)):
         query = take_rows(self.has_terms, 1, rows)
-        return query[:, :, None] * self.has_terms[:, None, :]
+        return ops.expand_dims(query, 2) * ops.expand_dims(self.has_terms, 1)
 
 
 class PositionTerms:
@@ -598,7 +600,7 @@ class PositionTerms:
         if pairs is not None:
             keep = pairs if keep is None else keep * pairs
         if keep is not None:
-            keep = keep[..., None] if self.heads_last else keep[:, None]
+            keep = ops.expand_dims(keep, -1 if self.heads_last else 1)  # see `TokenOffsets.rows`
             total = total.mul_(keep) if reuse else total * keep
         return total
 

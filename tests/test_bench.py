@@ -30,3 +30,44 @@ def test_bench_runs_and_checks_agreement_with_edspdf(tmp_path):
     assert "faults/call" in done.stdout
     assert w1["max_abs_error_vs_edspdf"] < 1e-4
     assert "/ edspdf" in done.stdout and "W1" in done.stdout
+
+
+def run_script(*argv):
+    return subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+
+
+def test_long_training_benchmark_runs(tmp_path):
+    """`--long --backward` at a short length (each point in its own process),
+    the new systems (MHA's and the offsets' runs are the same code), and
+    compiled where XLA is."""
+    out = tmp_path / "long.json"
+    systems = "ours_tokens,box_transformer"
+    done = run_script(os.path.join("benchmarks", "bench.py"), "--long", "--backward",
+                      "--long-lengths", "64", "--long-systems", systems, "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    points = json.loads(out.read_text())["points"]
+    assert set(points) == set(systems.split(","))
+    assert all(p["64"]["ms"] > 0 and p["64"]["peak_bytes"] >= 0 for p in points.values())
+    if BACKEND != "torch":
+        done = run_script(os.path.join("benchmarks", "bench.py"), "--long", "--backward",
+                          "--long-compiled", "--long-lengths", "64",
+                          "--long-systems", "ours_tokens", "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(out.read_text())
+        assert result["mode"] == "long_backward_compiled"
+        assert result["points"]["ours_tokens"]["64"]["ms"] > 0
+
+
+def test_profile_of_the_long_step_runs():
+    done = run_script(os.path.join("benchmarks", "profile_long.py"), "--backend", BACKEND,
+                      "--length", "128")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("keras_mha", "c2c", "c2c+c2p", "every term"):
+        assert f"fwd+bwd  {name}" in done.stdout
+    if BACKEND == "torch":
+        assert "aten::" in done.stdout
+    if BACKEND == "tensorflow":
+        assert "its gradient" in done.stdout
