@@ -40,18 +40,17 @@ def run_script(*argv):
 
 
 def test_long_training_benchmark_runs(tmp_path):
-    """`--long --backward` at a short length (each point in its own process),
-    the new systems (MHA's and the offsets' runs are the same code), and
-    compiled where XLA is."""
+    """`--long --backward` at a short length (each point in its own process)
+    with the BoxTransformer system (the other systems run the same code),
+    and compiled on TensorFlow (one XLA backend: the option is the same)."""
     out = tmp_path / "long.json"
-    systems = "ours_tokens,box_transformer"
     done = run_script(os.path.join("benchmarks", "bench.py"), "--long", "--backward",
-                      "--long-lengths", "64", "--long-systems", systems, "--json", str(out))
+                      "--long-lengths", "64", "--long-systems", "box_transformer",
+                      "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    points = json.loads(out.read_text())["points"]
-    assert set(points) == set(systems.split(","))
-    assert all(p["64"]["ms"] > 0 and p["64"]["peak_bytes"] >= 0 for p in points.values())
-    if BACKEND != "torch":
+    point = json.loads(out.read_text())["points"]["box_transformer"]["64"]
+    assert point["ms"] > 0 and point["peak_bytes"] >= 0
+    if BACKEND == "tensorflow":
         done = run_script(os.path.join("benchmarks", "bench.py"), "--long", "--backward",
                           "--long-compiled", "--long-lengths", "64",
                           "--long-systems", "ours_tokens", "--json", str(out))
@@ -63,7 +62,7 @@ def test_long_training_benchmark_runs(tmp_path):
 
 def test_profile_of_the_long_step_runs():
     done = run_script(os.path.join("benchmarks", "profile_long.py"), "--backend", BACKEND,
-                      "--length", "128")
+                      "--length", "64")
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("keras_mha", "c2c", "c2c+c2p", "every term"):
         assert f"fwd+bwd  {name}" in done.stdout
