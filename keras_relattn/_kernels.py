@@ -750,10 +750,10 @@ def recomputed_blocks(fn, blocks, tensors):
     """
     backend = keras.backend.backend()
     size = blocks[0].stop - blocks[0].start
+    n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
     if backend == "jax":
         import jax
 
-        n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
         starts = ops.arange(n_equal, dtype="int32") * size
         looped = jax.lax.map(
             jax.checkpoint(lambda start: fn(BlockRows(start, size), *tensors)), starts
@@ -773,17 +773,18 @@ def recomputed_blocks(fn, blocks, tensors):
             return None
         return _recomputed_blocks_function().apply(fn, blocks, *tensors)
     if backend == "tensorflow":
-        return _tensorflow_recomputed_blocks(fn, blocks, tensors)
+        return _tensorflow_recomputed_blocks(fn, blocks, tensors, size, n_equal)
     return None
 
 
-def _tensorflow_recomputed_blocks(fn, blocks, tensors):
+def _tensorflow_recomputed_blocks(fn, blocks, tensors, size, n_equal):
     """`recomputed_blocks` on TensorFlow: one `tf.custom_gradient` whose
     forward runs every block unrecorded and whose gradient recomputes one
     block at a time under its own tape, adding its gradients into one sum
     per input. Eagerly, a Python loop; in a graph (`tf.function`, XLA), a
-    `tf.while_loop` over the equal blocks (their first row traced), so that
-    one block's recomputation follows the previous one's gradient.
+    `tf.while_loop` over the first `n_equal` blocks (of `size` rows, their
+    first row traced), so that one block's recomputation follows the
+    previous one's gradient.
 
     Measured at 8192 tokens (one fwd+bwd, 4 heads): a Python loop of
     `tf.recompute_grad` per block was bounded in its temporaries but not in
@@ -794,9 +795,6 @@ def _tensorflow_recomputed_blocks(fn, blocks, tensors):
     scheduled together: 9.5 GiB.
     """
     import tensorflow as tf
-
-    size = blocks[0].stop - blocks[0].start
-    n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
 
     def looped(step, state):
         """`step(block's BlockRows, state)` over the equal blocks in one
