@@ -175,7 +175,8 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         logits = []
         for layer in self.transformer_layers:
             out = layer(
-                x, mask=keep, relative_positions=positions, position_embedding=table, training=training, return_logits=return_logits,
+                x, mask=keep, relative_positions=positions, position_embedding=table,
+                training=training, return_logits=return_logits,
             )
             if return_logits:
                 x, layer_logits = out
