@@ -9,8 +9,10 @@ coordinates, `(1, length, n_coordinates)`, for `query_positions` /
 They run on every backend and inside models (on symbolic tensors too).
 """
 
+import functools
 import math
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -209,7 +211,16 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
     `sign(r) * (mid + ceil(log(|r| / mid) / log((max_position - 1) / mid)
     * (mid - 1)))` with `mid = bucket_size // 2`, so offsets up to
     `max_position` fit a table of about `bucket_size` rows per side. This is
-    the formula of DeBERTa-v2/v3 (`make_log_bucket_position`).
+    DeBERTa-v2/v3's `make_log_bucket_position`, in its order of operations
+    and in float32, bucket for bucket.
+
+    That formula puts some offsets within a rounding error of a bucket's
+    edge (`|r| = max_position - 1` gives exactly `mid - 1` before the
+    `ceil`), where a backend's `log`, one ulp off, would move them to the
+    next bucket. So the edges are found once, in NumPy, with correctly
+    rounded float32 arithmetic (`_bucket_edges`), and each offset's bucket
+    from the float formula is checked against its two edges, in integers:
+    every backend, eager or compiled, gives the same buckets.
 
     Args:
         relative_positions: integer tensor of offsets, any shape.
@@ -231,21 +242,113 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
         - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
           Attention", ICLR 2021 (log buckets: DeBERTa-v2/v3 code).
     """
+    bucket_size, max_position = _check_buckets(bucket_size, max_position)
+    mid = bucket_size // 2
+    edges_found, complete = _bucket_edges(bucket_size, max_position)
+    n_edges = len(edges_found)
+    rel = _clamped_offsets(relative_positions)
+    size = ops.abs(rel)
+    far = size > mid
+    size_far = ops.where(far, size, mid + 1)
+    # DeBERTa's float32 formula: the bucket past `mid`, right or one off.
+    ratio = ops.cast(size_far, "float32") / np.float32(mid)
+    scaled = ops.log(ratio) / np.float32(_log_ratio(bucket_size, max_position))
+    guess = ops.cast(ops.ceil(scaled * np.float32(mid - 1)), "int32")
+    # Checked against the exact edges: `edges[n - 1] <= |r| < edges[n]`.
+    edges = ops.convert_to_tensor(edges_found)
+    n = ops.clip(guess, 1, n_edges)
+    below = ops.take(edges, n - 1)
+    above = ops.take(edges, ops.minimum(n, n_edges - 1))
+    n = ops.where(size_far < below, n - 1, ops.where(
+        ops.logical_and(n < n_edges, size_far >= above), n + 1, n))
+    if not complete:  # beyond the edges found (max_position barely past mid): the formula
+        n = ops.where(guess > n_edges, guess, n)
+    return ops.where(far, ops.sign(rel) * (mid + n), rel)
+
+
+# Offsets beyond +-2**30 lie beyond any table (the layer clamps there too).
+_OFFSET_BOUND = 2**30
+# At most this many bucket edges are found exactly (256 KiB of int32): every
+# offset up to 2**30 for any `max_position >= 1.5 * mid` or so.
+_MAX_EDGES = 2**16
+
+
+def _clamped_offsets(offsets):
+    """Integer offsets as int32, clamped to +-2**30 while still in their own
+    dtype (JAX without x64 would wrap a converted int64)."""
+    if isinstance(offsets, (list, tuple, np.ndarray, np.integer, int)):
+        offsets = np.asarray(offsets)
+        if offsets.dtype.kind not in "iu":
+            raise TypeError(
+                f"`relative_positions` must have an integer dtype, got {offsets.dtype}."
+            )
+        offsets = np.clip(offsets, -_OFFSET_BOUND, _OFFSET_BOUND).astype("int32")
+    offsets = ops.convert_to_tensor(offsets)
+    dtype = keras.backend.standardize_dtype(offsets.dtype)
+    if "int" not in dtype:
+        raise TypeError(f"`relative_positions` must have an integer dtype, got {dtype}.")
+    if dtype != "int32":
+        bound = ops.cast(_OFFSET_BOUND, dtype)
+        offsets = ops.minimum(offsets, bound)
+        if not dtype.startswith("u"):
+            offsets = ops.maximum(offsets, -bound)
+    return ops.clip(ops.cast(offsets, "int32"), -_OFFSET_BOUND, _OFFSET_BOUND)
+
+
+def _check_buckets(bucket_size, max_position):
+    try:
+        bucket_size, max_position = int(bucket_size), int(max_position)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "`bucket_size` and `max_position` must be ints. Received: "
+            f"bucket_size={bucket_size!r}, max_position={max_position!r}"
+        ) from None
     if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
         raise ValueError(
             "`log_bucket_positions` needs bucket_size >= 4 and max_position > "
             f"bucket_size // 2 + 1. Received bucket_size={bucket_size}, "
             f"max_position={max_position}"
         )
-    rel = ops.cast(relative_positions, "int32")
+    return bucket_size, max_position
+
+
+def _log_ratio(bucket_size, max_position):
+    """`log((max_position - 1) / mid)` as DeBERTa computes it: the ratio in
+    Python, then a float32 tensor, then its (correctly rounded) log."""
+    ratio = np.float32((max_position - 1) / (bucket_size // 2))
+    return np.float32(np.log(np.float64(ratio)))
+
+
+def _exact_buckets(size, bucket_size, max_position):
+    """DeBERTa's bucket past `mid`, `ceil(log(size / mid) / log_ratio *
+    (mid - 1))`, for int64 `size > mid`, each float32 operation correctly
+    rounded (computed in float64, which holds every float32 product and
+    quotient exactly enough to round it once)."""
     mid = bucket_size // 2
-    sign = ops.sign(rel)
-    near = ops.logical_and(rel < mid, rel > -mid)
-    abs_pos = ops.cast(ops.where(near, mid - 1, ops.abs(rel)), "float32")
-    scale = (mid - 1) / math.log((max_position - 1) / mid)
-    log_pos = ops.ceil(ops.log(abs_pos / mid) * scale) + mid
-    bucket = ops.where(abs_pos <= mid, rel, ops.cast(log_pos, "int32") * sign)
-    return ops.cast(bucket, "int32")
+    ratio = np.float32(size.astype(np.float32).astype(np.float64) / mid)
+    log = np.log(ratio.astype(np.float64)).astype(np.float32)
+    scaled = np.float32(log.astype(np.float64) / np.float64(_log_ratio(bucket_size, max_position)))
+    return np.ceil(np.float32(scaled.astype(np.float64) * (mid - 1))).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_edges(bucket_size, max_position):
+    """`(edges, complete)`: `edges[n - 1]` is the smallest offset whose
+    bucket is `mid + n` (n >= 1), int32, for every bucket up to the one of
+    offset 2**30 (`complete`), or the first `_MAX_EDGES` of them. Buckets
+    grow with the offset, so each edge is found by a binary search, all at
+    once."""
+    mid = bucket_size // 2
+    last = int(_exact_buckets(np.array([_OFFSET_BOUND]), bucket_size, max_position)[0])
+    targets = np.arange(1, min(last, _MAX_EDGES) + 1, dtype=np.int64)
+    low = np.full(targets.shape, mid + 1, np.int64)
+    high = np.full(targets.shape, _OFFSET_BOUND + 1, np.int64)
+    while np.any(low < high):
+        middle = (low + high) // 2
+        reached = _exact_buckets(middle, bucket_size, max_position) >= targets
+        high = np.where(reached, middle, high)
+        low = np.where(reached, low, middle + 1)
+    return low.astype(np.int32), last <= _MAX_EDGES
 
 
 def sinusoidal_table(n_positions, size, temperature=10000.0):
