@@ -179,6 +179,13 @@ def shape_of(x):
     return tuple(_static_dim(d) for d in shape)
 
 
+def is_guarded_size(d):
+    """Whether a size not known as an int is a torch symbolic size: those are
+    never 1 (torch.compile specializes sizes 0 and 1) and any test of them
+    is guarded (the graph is traced again when it changes)."""
+    return type(d).__name__ == "SymInt"
+
+
 def _static_dim(d):
     # torch's SymInt and jax's symbolic dimensions are not `int`s.
     return int(d) if isinstance(d, (int, np.integer)) else None

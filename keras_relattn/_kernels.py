@@ -29,9 +29,10 @@ import functools
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_relattn import _checks
+from keras_relattn import _checks, config
 
 try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
     from keras.src.backend import nn as _backend_nn
@@ -51,14 +52,6 @@ OFFSET_BOUND = 2**30
 
 LAYOUTS = ("head_major", "rows")
 OUTPUTS = ("bqkh", "bhqk")
-
-# The flat score numbers `(batch * rows + row) * n_positions + offset` are
-# int32: past this many scores a number would wrap, and XLA's in-bounds
-# gathers would silently read another score. Larger (or not statically
-# known) sizes take the per-row gather, whose numbers stay below
-# `n_positions`.
-FLAT_INDEX_LIMIT = 2**31
-
 
 def softmax(x, axis=-1):
     """The backend's fused softmax (torch's is 2x faster than max/exp/sum/
@@ -199,14 +192,12 @@ def index_dtype():
 
 def pooling_block_elements():
     """Largest `(batch, heads, queries, keys)` block the pooled-only path
-    holds at a time (see `RelativeAttention`'s `return_logits=False`).
-
-    torch eager: 2**20 (4 MiB of float32). Fresh buffers larger than that
-    cost page faults on every call on CPU (glibc hands them back to the
-    system); measured W2 pooled, torch: 24 ms in one block, 17 ms in blocks
-    of 2**20. XLA and torch.compile plan their buffers: 2**23 (32 MiB), a
-    bound on memory.
-    """
+    holds at a time: `config.BlockSettings.block_elements`, by default
+    2**20 on torch eager (larger fresh buffers cost page faults on every
+    call on CPU) and 2**23 where XLA or inductor plan their buffers."""
+    chosen = config.get_block_settings().block_elements
+    if chosen is not None:
+        return chosen
     if keras.backend.backend() == "torch":
         import torch
 
@@ -216,12 +207,11 @@ def pooling_block_elements():
 
 
 def flat_index_fits(*sizes):
-    """Whether `prod(sizes)` flat numbers surely fit int32.
-
-    False unless that is proved: unknown sizes (None, a TensorFlow graph
-    tensor, a jax symbolic dimension) cannot be, nor sizes under
-    `torch.jit.trace` (ONNX export), which would freeze the answer. torch's
-    symbolic sizes compare (`torch.compile` then guards on the answer).
+    """Whether `prod(sizes)` flat numbers surely fit int32: decided from
+    sizes known as Python ints only. An unknown size (None, a TensorFlow
+    graph tensor, a JAX or torch symbolic dimension) is not proved to fit,
+    nor is any size under `torch.jit.trace` (ONNX export), which would
+    freeze the answer: those take the gather that cannot wrap.
     """
     if keras.backend.backend() == "torch":
         import torch
@@ -229,14 +219,11 @@ def flat_index_fits(*sizes):
         if torch.jit.is_tracing():  # a traced answer would be frozen
             return False
     total = 1
-    for size in sizes:
-        if size is None:
+    for size in sizes:  # a loop, not a generator: dynamo traces it without a break
+        if not isinstance(size, int):
             return False
-        total = total * size
-    try:
-        return bool(total < FLAT_INDEX_LIMIT)
-    except Exception:  # not decidable while tracing
-        return False
+        total *= size
+    return total < config.get_block_settings().flat_index_limit
 
 
 def default_layout():
@@ -355,18 +342,27 @@ class BlockRows:
 
 def take_rows(x, axis, rows):
     """`x`'s queries axis (`axis`) sliced to `rows` (a `slice` or
-    `BlockRows`), unless it has size 1 (it broadcasts)."""
-    size = x.shape[axis]
-    if isinstance(size, int) and size == 1:
+    `BlockRows`), unless it has size 1 (it broadcasts).
+
+    A size not known statically may be 1 at run time: the rows are then
+    taken by number, each clamped to the axis (so a broadcast axis gives its
+    one row, repeated), never a Python test of that size.
+    """
+    size = _checks.shape_of(x)[axis]
+    if size == 1 or (not isinstance(rows, BlockRows) and rows == slice(None)):
         return x
+    if size is None and not _checks.is_guarded_size(x.shape[axis]):
+        start = 0 if rows.start is None else rows.start
+        count = rows.size if isinstance(rows, BlockRows) else rows.stop - rows.start
+        number = ops.arange(count, dtype="int32") + ops.cast(start, "int32")
+        last = ops.cast(ops.shape(x)[axis], "int32") - 1
+        return ops.take(x, ops.minimum(number, last), axis=axis)
     if isinstance(rows, BlockRows):
         start = [0] * len(x.shape)
         start[axis] = rows.start
         shape = list(x.shape)
         shape[axis] = rows.size
         return ops.slice(x, start, shape)
-    if rows == slice(None):
-        return x
     return x[(slice(None),) * axis + (rows,)]
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _blockwise, _checks, _kernels
+from keras_relattn import _blockwise, _checks, _kernels, config
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn._checks import MODES
 from keras_relattn._projection import ArrayInitializer, Projection
@@ -767,9 +767,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         values = self.value_projection(self._dropout(values, training))
         extra = []  # terms broadcastable to (batch, heads, queries, keys)
         if base_attn is not None:
-            base = ops.cast(base_attn, self.compute_dtype)
-            if _checks.shape_of(base)[-1] != 1:
-                base = base[..., first:]
+            base = self._pooling_heads(ops.cast(base_attn, self.compute_dtype))
             extra.append(ops.transpose(base, (0, 3, 1, 2)))
         c2c_q, c2c_k = q, k
         if self.use_head_bias:
@@ -791,9 +789,11 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             )
         blocks = _blockwise.query_blocks(q, k, self.n_heads)
         recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
+        config._record(config.BlockPlan(_checks.shape_of(q)[1], len(blocks), recompute))
         seed = None
-        if recompute and training and self._dropout_layer is not None:
-            # One draw per call; each block's mask is a function of it.
+        if len(blocks) > 1 and training and self._dropout_layer is not None:
+            # One draw per call; each block's mask is a function of it (the
+            # same when the block is recomputed, or kept).
             seed = keras.random.randint(
                 (), 0, 2**31 - 1, dtype="int32", seed=self._dropout_layer.seed_generator
             )
@@ -823,6 +823,19 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
                 done = pooled_block(rows, *tensors)
             pooled.append(done)
         return self._merge_heads(pooled[0] if len(pooled) == 1 else ops.concatenate(pooled, 1))
+
+    def _pooling_heads(self, base):
+        """`base_attn` `(batch, queries, keys, heads or 1)` for the pooling
+        heads only. A heads axis of 1 broadcasts; one of unknown size (a
+        trace) may be 1 at run time, so it is broadcast to every head before
+        the additional ones are dropped, never sliced blind."""
+        first = self.n_additional_heads
+        heads = _checks.shape_of(base)[-1]
+        if first == 0 or heads == 1:
+            return base
+        if heads is None:
+            base = base + ops.zeros((self.total_heads,), base.dtype)
+        return base[..., first:]
 
     def _block_function(self, has_c2c, position_terms, attend, training, seed):
         """`pooled_block(rows, *tensors)`: one block of queries' logits,
