@@ -7,7 +7,7 @@ if _sys.argv[:1] == ["-m"]:  # `python -m keras_relattn`: the demo is starting
 
     _quiet()
 
-from keras_relattn import positions
+from keras_relattn import config, positions
 from keras_relattn.box_transformer import BoxTransformer
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.position_table import PositionTable
@@ -22,6 +22,7 @@ __all__ = [
     "PositionTable",
     "RelativeAttention",
     "RelativeTransformerLayer",
+    "config",
     "edspdf_state_dict",
     "load_edspdf_state_dict",
     "positions",

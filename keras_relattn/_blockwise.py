@@ -16,7 +16,7 @@ each weight's coordinates.
 import numpy as np
 from keras import ops
 
-from keras_relattn import _checks, _kernels
+from keras_relattn import _checks, _kernels, config
 
 
 def _static_sizes(q, k):
@@ -46,21 +46,17 @@ def query_blocks(q, k, n_heads):
     return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
 
 
-# Inputs whose whole `(batch, heads, queries, keys)` tensor passes this many
-# elements (XLA's block size: the long ones) recompute their blocks in the
-# backward pass. Shorter ones split in blocks (torch eager) keep them: the
-# recomputation would cost a forward for no memory the machine lacks.
-RECOMPUTE_ELEMENTS = 2**23
-
-
 def recomputes(q, k, n_heads):
     """Whether the pooled path's blocks are recomputed in the backward pass:
-    sizes statically known and above `RECOMPUTE_ELEMENTS`."""
+    sizes statically known and above `config.BlockSettings.recompute_elements`
+    (2**23: the long inputs; shorter ones split in blocks, on torch eager,
+    keep them: the recomputation would cost a forward for no memory the
+    machine lacks)."""
     sizes = _static_sizes(q, k)
     if sizes is None:
         return False
     batch, n_queries, n_keys = sizes
-    return batch * n_heads * n_queries * n_keys > RECOMPUTE_ELEMENTS
+    return batch * n_heads * n_queries * n_keys > config.get_block_settings().recompute_elements
 
 
 def _int32(constant):

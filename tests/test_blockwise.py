@@ -1,7 +1,7 @@
 """Training at length (issue 18): the pooled path's blocks recomputed in the
 backward pass, and positions given per token.
 
-The blocks are forced small here (`pooling_block_elements`), so that a few
+The blocks are forced small here (`config.block_settings`), so that a few
 queries already make several blocks, of lengths that do not divide the
 queries; the benchmark (`benchmarks/long_training.py`) measures the memory.
 """
@@ -15,7 +15,7 @@ from keras_relattn import (
     RelativeAttention,
     _blockwise,
     RelativeTransformerLayer,
-    _kernels,
+    config,
     load_edspdf_state_dict,
     positions,
 )
@@ -28,39 +28,23 @@ from test_adversarial import (
     random_configuration,
 )
 
+# Compares with the real edspdf or DeBERTa: a skip here fails the run (conftest).
+pytestmark = pytest.mark.reference
+
 FLOAT = ("content_queries", "content_values", "base_attn")
 
 
-def calls_tail(blocks):
-    """1 when the last block is shorter (JAX checkpoints it apart: counted
-    by `checkpoint`)."""
-    return int(blocks[-1].stop - blocks[-1].start != blocks[0].stop - blocks[0].start)
-
-
 @pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of one or two queries, each recomputed (counted): through
-    `_kernels.recomputed_blocks` (JAX, torch) or `_kernels.checkpoint`."""
-    monkeypatch.setattr(_kernels, "pooling_block_elements", lambda: 2 * 3 * 7 * 2)
-    monkeypatch.setattr(_blockwise, "RECOMPUTE_ELEMENTS", 0)
-    calls = []
-    checkpoint = _kernels.checkpoint
+def small_blocks():
+    """Blocks of two queries (of 7: blocks of 2, 2, 2 and 1), each recomputed
+    in the backward pass: the log of what each pooled call planned."""
+    with config.block_settings(block_elements=2 * 3 * 7 * 2, recompute_elements=0) as log:
+        yield log.plans
 
-    def counted(fn, tensors):
-        calls.append(len(tensors))
-        return checkpoint(fn, tensors)
 
-    monkeypatch.setattr(_kernels, "checkpoint", counted)
-    recomputed_blocks = _kernels.recomputed_blocks
-
-    def counted_loop(fn, blocks, tensors):
-        done = recomputed_blocks(fn, blocks, tensors)
-        if done is not None:  # JAX's lax.map (its shorter last block is a checkpoint), torch's
-            calls.extend([len(tensors)] * (len(blocks) - (BACKEND == "jax" and calls_tail(blocks))))
-        return done
-
-    monkeypatch.setattr(_kernels, "recomputed_blocks", counted_loop)
-    return calls
+def kept_blocks():
+    """The same blocks, kept in the backward pass instead of recomputed."""
+    return config.block_settings(recompute_elements=2**62)
 
 
 def pooled_gradients(layer, inputs, probe, return_logits, compiled=False):
@@ -117,7 +101,7 @@ def test_blockwise_gradients_equal_the_full_paths(mode, small_blocks, rng):
     probe = rng.normal(size=(3, 7, 12)).astype("float32")
     full = pooled_gradients(layer, inputs, probe, return_logits=True)
     blockwise = pooled_gradients(layer, inputs, probe, return_logits=False)
-    assert len(small_blocks) == 4  # blocks of 2, 2, 2 and 1 queries, each recomputed
+    assert small_blocks == [config.BlockPlan(7, 4, True)]  # blocks of 2, 2, 2, 1 queries
     assert_same_gradients(blockwise, full)
 
 
@@ -143,36 +127,77 @@ def test_blockwise_gradients_compiled(small_blocks, rng):
     )
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_blockwise_gradients_match_edspdf_autograd(seed, small_blocks):
-    """Random configurations (every constructor argument), blocks forced."""
+def split_configuration(seed):
+    """A random configuration (every constructor argument, mask shape,
+    `no_position_mask`, `base_attn`) with at least 3 queries, and a trainable
+    table half the time: each query is its own recomputed block."""
+    rng = np.random.default_rng([20261203, seed])
+    while True:
+        size, n_heads, table, ctor, inputs = random_configuration(rng)
+        if inputs["content_queries"].shape[1] >= 3:
+            return rng, size, n_heads, table, ctor, inputs
+
+
+SPLIT_SEEDS = range(10)
+
+
+@pytest.mark.parametrize("seed", SPLIT_SEEDS)
+def test_blockwise_gradients_match_edspdf_autograd(seed):
+    """The recomputed blocks (one query each: really split, as the plan
+    shows) against edspdf's autograd: every float input and parameter."""
     from keras_relattn.porting import _entries
 
-    rng = np.random.default_rng([20261203, seed])
-    size, n_heads, table, ctor, inputs = random_configuration(rng)
-    module = edspdf_module(rng, size, n_heads, table=table, **ctor)
-    layer = RelativeAttention(size, n_heads, position_embedding=table, **ctor)
+    rng, size, n_heads, table, ctor, inputs = split_configuration(seed)
+    trainable = table is not None and bool(rng.random() < 0.5)
+    module = edspdf_module(rng, size, n_heads, table=table, trainable_table=trainable, **ctor)
+    layer = RelativeAttention(size, n_heads, position_embedding=table,
+                              position_embedding_trainable=trainable, **ctor)
     load_edspdf_state_dict(layer, module.state_dict())
     wrt = [name for name in FLOAT_INPUTS if inputs[name] is not None]
     probe = rng.normal(size=edspdf_outputs(module, inputs)[0].shape).astype("float32")
     theirs_inputs, theirs_parameters = edspdf_gradients(module, inputs, wrt, [probe])
-    ours_inputs, ours_weights = input_and_weight_gradients(
-        layer, lambda out: keras.ops.sum(out * keras.ops.convert_to_tensor(probe)),
-        dict(inputs, return_logits=False), wrt,
-    )
+    with config.block_settings(block_elements=1, recompute_elements=0) as log:
+        ours_inputs, ours_weights = input_and_weight_gradients(
+            layer, lambda out: keras.ops.sum(out * keras.ops.convert_to_tensor(probe)),
+            dict(inputs, return_logits=False), wrt,
+        )
+    n_queries = inputs["content_queries"].shape[1]
+    assert log.plans == [config.BlockPlan(n_queries, n_queries, True)]
     for name in wrt:
         assert_gradients_close(ours_inputs[name], theirs_inputs[name], name)
     by_variable = {id(w): g for w, g in zip(layer.trainable_weights, ours_weights)}
+    compared = 0
     for entry in _entries(layer):
         if entry.variable is not None and entry.variable.trainable:
             grad = entry.to_edspdf(by_variable[id(entry.variable)])
             assert_gradients_close(grad, theirs_parameters[entry.name], entry.name)
+            compared += 1
+    assert compared >= 2
+
+
+def test_split_configurations_cover_the_modes_heads_and_masks():
+    """The seeds above reach every term, additional heads, every mask shape
+    and `no_position_mask`, with positions (so position terms are on)."""
+    seen = set()
+    for seed in SPLIT_SEEDS:
+        _, _, _, table, ctor, inputs = split_configuration(seed)
+        if table is not None and inputs["relative_positions"] is not None:
+            seen.update(ctor["mode"])
+            if inputs["no_position_mask"] is not None:
+                seen.add("no_position_mask")
+        seen.add(f"mask {inputs['mask'].ndim}-D")
+        if ctor["n_additional_heads"]:
+            seen.add("additional heads")
+        if inputs["base_attn"] is not None:
+            seen.add("base_attn")
+    assert seen >= {"c2c", "c2p", "p2c", "no_position_mask", "mask 2-D", "mask 3-D",
+                    "mask 4-D", "additional heads", "base_attn"}, seen
 
 
 # Compiled where the blocks are a loop with a traced first row (JAX, TensorFlow);
 # torch.compile checkpoints each block, as `test_blockwise_gradients_compiled` checks.
 @pytest.mark.parametrize("compiled", [False, True] if BACKEND != "torch" else [False])
-def test_recomputed_dropout_draws_the_same_mask(compiled, small_blocks, monkeypatch, rng):
+def test_recomputed_dropout_draws_the_same_mask(compiled, small_blocks, rng):
     """The gradient through recomputed blocks equals the one through blocks
     kept whole, from the same seed state: the mask drawn again in the
     backward is the forward's (compiled: the block's first row traced, in
@@ -185,15 +210,14 @@ def test_recomputed_dropout_draws_the_same_mask(compiled, small_blocks, monkeypa
     recomputed = pooled_gradients(layer, inputs, probe, return_logits=False, compiled=compiled)
     for g, state in zip(generators, states):
         g.seed_generator.state.assign(state)
-    monkeypatch.setattr(_kernels, "checkpoint", lambda fn, tensors: fn(*tensors))
-    monkeypatch.setattr(_kernels, "recomputed_blocks", lambda fn, blocks, tensors: None)
-    kept = pooled_gradients(layer, inputs, probe, return_logits=False, compiled=compiled)
+    with kept_blocks():
+        kept = pooled_gradients(layer, inputs, probe, return_logits=False, compiled=compiled)
+    assert [p.recomputed for p in small_blocks] == [True, False]
     assert_same_gradients(recomputed, kept)
     assert np.abs(recomputed[1][0]).max() > 0
 
 
-def test_blockwise_dropout_statistics_match_the_full_path(small_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_kernels, "pooling_block_elements", lambda: 2 * 6 * 2)  # 2 queries
+def test_blockwise_dropout_statistics_match_the_full_path(rng):
     layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
                               dropout_p=0.3, seed=5)
     x = rng.normal(size=(1, 6, 8)).astype("float32")
@@ -204,9 +228,10 @@ def test_blockwise_dropout_statistics_match_the_full_path(small_blocks, monkeypa
         out = layer(x, x, x, relative_positions=rp, training=True, return_logits=return_logits)
         return to_numpy(out[0] if return_logits else out)
 
-    blockwise = np.stack([run(False) for _ in range(draws)])
+    with config.block_settings(block_elements=2 * 6 * 2, recompute_elements=0) as log:  # 2 queries
+        blockwise = np.stack([run(False) for _ in range(draws)])
     full = np.stack([run(True) for _ in range(draws)])
-    assert small_blocks
+    assert log.plans[0] == config.BlockPlan(6, 3, True)
     scale = full.std(0).mean()
     assert scale > 0.05
     np.testing.assert_allclose(blockwise.std(0).mean(), scale, rtol=0.15)
@@ -242,8 +267,7 @@ def token_case(rng, batch, n_queries, n_keys, coordinates, position_batch):
 
 @pytest.mark.parametrize("coordinates", [1, 2, 3])
 @pytest.mark.parametrize("position_batch", [1, 2])
-def test_token_positions_equal_relative_positions(coordinates, position_batch, rng,
-                                                  monkeypatch):
+def test_token_positions_equal_relative_positions(coordinates, position_batch, rng):
     layer = RelativeAttention(
         12, 2, n_coordinates=coordinates, n_additional_heads=1,
         position_embedding=rng.normal(size=(11, 6 * coordinates)).astype("float32"),
@@ -258,11 +282,11 @@ def test_token_positions_equal_relative_positions(coordinates, position_batch, r
     for a, b in zip(got, want):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-5)
     want_pooled = to_numpy(want[0])
-    for blocks in (None, lambda: 2 * 2 * 7):
-        if blocks is not None:
-            monkeypatch.setattr(_kernels, "pooling_block_elements", blocks)
-        pooled = layer(**common, query_positions=q_pos, key_positions=k_pos,
-                       return_logits=False)
+    for elements in (None, 2 * 2 * 7):
+        with config.block_settings(block_elements=elements) as log:
+            pooled = layer(**common, query_positions=q_pos, key_positions=k_pos,
+                           return_logits=False)
+        assert log.plans[0].n_blocks == (1 if elements is None else 5)  # a query a block
         np.testing.assert_allclose(to_numpy(pooled), want_pooled, atol=1e-5)
 
 

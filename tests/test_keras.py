@@ -211,8 +211,12 @@ def test_dropout_under_compiled_training_uses_fresh_masks(rng):
 
 
 # --------------------------------------------------------- 4. mixed precision
-@pytest.mark.parametrize("policy, atol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 8e-2)])
-def test_mixed_precision_is_close_to_float32_and_finite(policy, atol, rng):
+# Measured over 10 seeds per backend (outputs ~1, logits ~2): float16 at most
+# 2.1e-3 (pooled) and 2.7e-3 (logits), bfloat16 2.1e-2 and 2.9e-2; the bars
+# are 2.5-3x those. A key projection 10% off moves the pooled output by 0.06+.
+@pytest.mark.parametrize("policy, atol, logits_atol",
+                         [("mixed_float16", 6e-3, 8e-3), ("mixed_bfloat16", 5e-2, 7e-2)])
+def test_mixed_precision_is_close_to_float32_and_finite(policy, atol, logits_atol, rng):
     full = attention(rng, n_additional_heads=1)
     half = attention(rng, n_additional_heads=1, dtype=policy)
     full.build(), half.build()
@@ -229,8 +233,8 @@ def test_mixed_precision_is_close_to_float32_and_finite(policy, atol, rng):
     assert keras.backend.standardize_dtype(logits.dtype) == policy.split("_")[1]
     p16, l16 = (to_numpy(o).astype("float32") for o in (pooled, logits))
     assert np.isfinite(p16).all() and np.isfinite(l16).all()
-    np.testing.assert_allclose(p16, p32, atol=atol, rtol=atol)
-    np.testing.assert_allclose(l16, l32, atol=4 * atol, rtol=atol)
+    np.testing.assert_allclose(p16, p32, atol=atol, rtol=0)
+    np.testing.assert_allclose(l16, l32, atol=logits_atol, rtol=0)
     # Large logits: the softmax runs in float32 and stays finite.
     big = (x * 30).astype("float32")
     pooled = to_numpy(half(big, big, big, **kwargs)[0])
@@ -381,5 +385,5 @@ def test_int8_quantization_of_the_projections(rng):
     assert set(modes.values()) == {"int8"}, modes
     after = to_numpy(model([x, rp]))
     assert np.isfinite(after).all()
-    scale = np.abs(before).max()
-    assert np.abs(after - before).max() < 0.05 * scale
+    # Measured 0.008-0.013 of the largest output over 12 seeds per backend.
+    assert np.abs(after - before).max() < 0.025 * np.abs(before).max()

@@ -5,7 +5,7 @@ import pytest
 from keras import ops
 
 from helpers import to_numpy
-from keras_relattn import _kernels
+from keras_relattn import _kernels, config
 
 
 def test_take_columns_equals_ops_take(rng):
@@ -29,11 +29,14 @@ def test_take_columns_equals_ops_take(rng):
 @pytest.mark.parametrize("index_batch", [1, 2])
 @pytest.mark.parametrize("flat_limit", [None, 16], ids=["flat", "past the flat limit"])
 def test_position_logits_equal_a_direct_gather(layout, block_diagonal, output, index_batch,
-                                               flat_limit, rng, monkeypatch):
+                                               flat_limit, rng):
     """The score-then-gather kernel against gathering table rows per pair,
     whole and by blocks of queries, with each gather strategy."""
-    if flat_limit is not None:
-        monkeypatch.setattr(_kernels, "FLAT_INDEX_LIMIT", flat_limit)
+    with config.block_settings(flat_index_limit=flat_limit):
+        check_position_logits(layout, block_diagonal, output, index_batch, flat_limit, rng)
+
+
+def check_position_logits(layout, block_diagonal, output, index_batch, flat_limit, rng):
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
     k = rng.normal(size=(b, nk, h, x * chunk)).astype("float32")

@@ -1,0 +1,127 @@
+"""Settings of the pooled path's blocks of queries.
+
+The pooled path (`return_logits=False`) computes the attention one block of
+queries at a time, so that no `(batch, heads, queries, keys)` tensor exists
+for the whole input, and, for long inputs, recomputes each block in the
+backward pass instead of keeping it. The defaults suit each backend; change
+them to trade memory for speed, or, in tests, to make a few queries several
+blocks:
+
+```python
+import keras_relattn
+
+with keras_relattn.config.block_settings(block_elements=64, recompute_elements=0) as log:
+    pooled = layer(x, x, x, return_logits=False)
+log.plans  # one BlockPlan per pooled call: its blocks and whether they recompute
+```
+
+Under a compiler (`jax.jit`, `tf.function`, `torch.compile`) the settings are
+read, and the plan logged, when the call is traced.
+"""
+
+import contextlib
+import dataclasses
+from typing import List, Optional
+
+from keras_relattn import _checks
+
+__all__ = ["BlockPlan", "BlockSettings", "BlockLog", "block_settings", "get_block_settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+    """How the pooled path splits and recomputes.
+
+    Attributes:
+        block_elements: the largest `(batch, heads, rows, keys)` block of
+            logits held at a time, or None for the backend's default (2**20
+            on torch eager, where larger fresh buffers cost page faults on
+            every call; 2**23 under XLA and `torch.compile`, which plan
+            their buffers).
+        recompute_elements: inputs whose whole `(batch, heads, queries,
+            keys)` logits pass this many elements, and that make several
+            blocks, recompute each block in the backward pass (2**23:
+            32 MiB of float32). Shorter ones keep their blocks.
+        flat_index_limit: the table scores are gathered by one flat number
+            per (row, position) while their count stays below this (the
+            int32 range, 2**31); beyond it, or where sizes are not known,
+            a gather along each row, whose numbers cannot wrap.
+    """
+
+    block_elements: Optional[int] = None
+    recompute_elements: int = 2**23
+    flat_index_limit: int = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """What one pooled call did: its `n_queries` (None where a trace does
+    not know them) in `n_blocks` blocks (1: all at once), each recomputed in
+    the backward pass if `recomputed`."""
+
+    n_queries: Optional[int]
+    n_blocks: int
+    recomputed: bool
+
+
+@dataclasses.dataclass
+class BlockLog:
+    """The plans of the pooled calls made inside `block_settings`."""
+
+    plans: List[BlockPlan] = dataclasses.field(default_factory=list)
+
+
+_settings = [BlockSettings()]
+_logs = []
+
+
+def get_block_settings():
+    """The `BlockSettings` in force."""
+    return _settings[-1]
+
+
+@contextlib.contextmanager
+def block_settings(block_elements=None, recompute_elements=None, flat_index_limit=None):
+    """Use other block settings inside a `with` block (the others keep theirs).
+
+    Args:
+        block_elements (int | None): see `BlockSettings`.
+        recompute_elements (int | None): see `BlockSettings`; 0 recomputes
+            every split input.
+        flat_index_limit (int | None): see `BlockSettings`.
+
+    Yields:
+        A `BlockLog` whose `plans` list each pooled call made inside.
+
+    Examples:
+        >>> import numpy as np
+        >>> from keras_relattn import RelativeAttention, config
+        >>> layer = RelativeAttention(8, 2)
+        >>> x = np.ones((1, 6, 8), "float32")
+        >>> with config.block_settings(block_elements=2 * 6 * 2) as log:  # 2 queries a block
+        ...     pooled = layer(x, x, x, return_logits=False)
+        >>> log.plans
+        [BlockPlan(n_queries=6, n_blocks=3, recomputed=False)]
+    """
+    changes = {}
+    for name, value, low in (("block_elements", block_elements, 1),
+                             ("recompute_elements", recompute_elements, 0),
+                             ("flat_index_limit", flat_index_limit, 1)):
+        if value is not None:
+            value = (_checks.positive_int(name, value) if low
+                     else _checks.non_negative_int(name, value))
+            changes[name] = value
+    _settings.append(dataclasses.replace(get_block_settings(), **changes))
+    log = BlockLog()
+    _logs.append(log)
+    try:
+        yield log
+    finally:
+        _settings.pop()
+        _logs.remove(log)
+
+
+def _record(plan):
+    """Adds a pooled call's plan to every open `BlockLog`."""
+    for log in _logs:
+        log.plans.append(plan)
