@@ -134,11 +134,12 @@ def run(epochs, n_train, seed):
         model.compile(keras.optimizers.Adam(3e-3),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         start = time.perf_counter()
-        model.fit(tokens(x_train), y_train, batch_size=64, epochs=epochs, verbose=0)
+        history = model.fit(tokens(x_train), y_train, batch_size=64, epochs=epochs, verbose=0)
         seconds = time.perf_counter() - start
         results["models"][kind] = {
             "parameters": int(model.count_params()),
             "train_seconds": round(seconds, 1),
+            "loss": [round(float(loss), 4) for loss in history.history["loss"]],
             "accuracy": {str(s): shifted_accuracy(model, x_test, y_test, s) for s in SHIFTS},
         }
         models[kind] = model
@@ -224,9 +225,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "examples"))
-    p.add_argument("--quick", action="store_true", help="2 epochs on 200 images, no table")
+    p.add_argument("--quick", action="store_true", help="4 epochs on 300 images, no table")
     args = p.parse_args(argv)
-    epochs, n_train = (2, 200) if args.quick else (args.epochs, None)
+    epochs, n_train = (4, 300) if args.quick else (args.epochs, None)
     os.makedirs(args.out, exist_ok=True)
     results, models, test = run(epochs, n_train, args.seed)
     with open(os.path.join(args.out, "results.json"), "w") as f:

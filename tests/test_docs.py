@@ -9,6 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
+    "keras_relattn.box_transformer",
+    "keras_relattn.config",
     "keras_relattn.relative_attention",
     "keras_relattn.porting",
     "keras_relattn.position_table",
@@ -29,7 +31,8 @@ def public_objects():
     import keras_relattn
     from keras_relattn import positions
 
-    names = [getattr(keras_relattn, n) for n in keras_relattn.__all__ if n != "positions"]
+    names = [getattr(keras_relattn, n) for n in keras_relattn.__all__
+             if n not in ("positions", "config")]
     names += [getattr(positions, n) for n in dir(positions)
               if n.endswith(("_positions", "_table")) and callable(getattr(positions, n))]
     return names

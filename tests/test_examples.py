@@ -22,11 +22,16 @@ def test_the_digits_example_runs_shortened(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
-    assert results["backend"] == BACKEND and results["train_images"] == 200
+    assert results["backend"] == BACKEND and results["train_images"] == 300
     for kind in ("relative", "absolute"):
-        accuracy = results["models"][kind]["accuracy"]
-        assert set(accuracy) == {"0", "1", "2"}
-        assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+        model = results["models"][kind]
+        assert set(model["accuracy"]) == {"0", "1", "2"}
+        assert all(0.0 <= a <= 1.0 for a in model["accuracy"].values())
+        # Both models train: 4 epochs take the loss from ~2.5 to ~2.3 on every
+        # backend (chance-level accuracy: this shortened run only checks that
+        # the script runs; the page's numbers are the full run's).
+        loss = model["loss"]
+        assert len(loss) == 4 and loss[-1] < loss[0] - 0.1, loss
     for figure in ("accuracy.png", "logits.png"):
         assert (tmp_path / figure).stat().st_size > 1000
 

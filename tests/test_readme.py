@@ -7,12 +7,15 @@ executed); the `LayoutMap` lines and the error table (error_cases.py) of the
 guides; the performance tables (benchmarks/*.json); the site's strict build.
 """
 
+import ast
+import contextlib
 import glob
-
+import io
 import os
 import re
 import subprocess
 import sys
+import tokenize
 
 import pytest
 
@@ -70,10 +73,41 @@ def python_blocks():
 BLOCKS = python_blocks()
 
 
+def stated_prints(code):
+    """What each top-level `print(...)` of a block says it prints: the comment
+    ending the statement's last line, or alone on the line after it (every
+    print must state it)."""
+    comments = {
+        token.start[0]: token.string[1:].strip()
+        for token in tokenize.generate_tokens(io.StringIO(code).readline)
+        if token.type == tokenize.COMMENT
+    }
+    stated = []
+    for node in ast.parse(code).body:
+        call = getattr(node, "value", None)
+        if isinstance(node, ast.Expr) and isinstance(call, ast.Call) and \
+                getattr(call.func, "id", None) == "print":
+            line = node.end_lineno if node.end_lineno in comments else node.end_lineno + 1
+            assert line in comments, (
+                f"line {node.end_lineno}: a print must state what it prints in a comment")
+            stated.append(comments[line])
+    return stated
+
+
 @pytest.mark.parametrize("document, index, code", BLOCKS,
                          ids=[f"{document}-{index}" for document, index, _ in BLOCKS])
-def test_python_block_runs(document, index, code):
-    exec(compile(code, f"{document} block {index}", "exec"), {})
+def test_python_block_runs_and_prints_what_it_states(document, index, code):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"{document} block {index}", "exec"), {})
+    assert printed.getvalue().splitlines() == stated_prints(code)
+
+
+def test_stated_prints_are_read_from_the_comments():
+    code = "x = 1  # not a print\nprint(x,\n      x + 1)  # 1 2\nprint('#')  # #\nprint(x)\n# 1\n"
+    assert stated_prints(code) == ["1 2", "#", "1"]
+    with pytest.raises(AssertionError, match="must state"):
+        stated_prints("print(1)\n")
 
 
 def test_the_guides_layout_map_is_the_one_tested():
