@@ -1,12 +1,5 @@
 """keras-relattn: DeBERTa-style relative attention for Keras 3 (TF, JAX, torch)."""
 
-import sys as _sys
-
-if _sys.argv[:1] == ["-m"]:  # `python -m keras_relattn`: the demo is starting
-    from keras_relattn._demo_start import import_keras_quietly as _quiet
-
-    _quiet()
-
 from keras_relattn import config, positions
 from keras_relattn.box_transformer import BoxTransformer
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict

@@ -268,3 +268,147 @@ def keras_mask_of(x):
 
 def _show(shape):
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def feature_shapes(layer, q_shape, k_shape, v_shape):
+    """The feature sizes of a `RelativeAttention` call's queries, keys and
+    values (static shapes; unknown sizes pass)."""
+    check_shape(
+        "content_queries", q_shape, (None, None, layer.query_size),
+        "(batch, n_queries, query_size)",
+    )
+    if k_shape is not None:
+        check_shape(
+            "content_keys", k_shape, (q_shape[0], None, layer.key_size),
+            "(batch, n_keys, key_size)",
+        )
+    elif layer.query_size != layer.key_size:
+        raise ValueError(
+            "`content_keys` is required when `query_size` "
+            f"({layer.query_size}) differs from `key_size` ({layer.key_size})."
+        )
+    if v_shape is not None:
+        if not layer.do_pooling:
+            raise ValueError(
+                "`content_values` was given but the layer was built with "
+                "`do_pooling=False`, so it has no value projection. Pass "
+                "no values to get the logits, or use `do_pooling=True`."
+            )
+        n_keys = (k_shape if k_shape is not None else q_shape)[1]
+        check_shape(
+            "content_values", v_shape, (q_shape[0], n_keys, layer.value_size),
+            "(batch, n_keys, value_size)",
+        )
+
+
+def call_inputs(
+    layer, content_queries, content_keys, content_values, mask=None,
+    relative_positions=None, no_position_mask=None, base_attn=None, position_embedding=None,
+    query_positions=None, key_positions=None, return_logits=True, offsets_formed=False,
+):
+    """Every input of a `RelativeAttention` call (tensors or symbolic), before
+    any backend op: a `ValueError` or `TypeError` naming the argument, the
+    shape it got and the shape it expected. `offsets_formed`: the
+    `relative_positions` were formed inside the package (`BoxTransformer`'s
+    box offsets) from inputs already checked."""
+    queries, keys, values = content_queries, content_keys, content_values
+    if not return_logits and values is None:
+        raise ValueError(
+            "`return_logits=False` returns the pooled output alone, so it "
+            "needs `content_values` (and `do_pooling=True`)."
+        )
+    q_shape = shape_of(queries)
+    k_shape = None if keys is None else shape_of(keys)
+    v_shape = None if values is None else shape_of(values)
+    feature_shapes(layer, q_shape, k_shape, v_shape)
+    batch, n_queries = q_shape[0], q_shape[1]
+    n_keys = (k_shape or q_shape)[1]
+
+    if mask is not None:
+        check_mask("mask", mask, batch, n_queries, n_keys, layer.n_heads)
+    if base_attn is not None:
+        check_shape(
+            "base_attn", shape_of(base_attn),
+            (batch, n_queries, n_keys, layer.total_heads),
+            "(batch, n_queries, n_keys, n_heads + n_additional_heads)",
+            broadcast=(0, 1, 2, 3),
+        )
+    if no_position_mask is not None:
+        check_shape(
+            "no_position_mask", shape_of(no_position_mask),
+            (batch, n_queries, n_keys), "(batch or 1, n_queries, n_keys)",
+            broadcast=(0, 1, 2),
+        )
+    positional = [m for m in layer.mode if m != "c2c"]
+    if position_embedding is not None:
+        if layer.position_embedding_shape is None:
+            raise ValueError(
+                "A `position_embedding` table was passed at call time but "
+                "the layer has no position projections: construct it "
+                "with `position_embedding_shape=(None, position_size)`."
+            )
+        check_shape(
+            "position_embedding", shape_of(position_embedding),
+            (None, layer.position_embedding_shape[1]),
+            "(n_positions, position_size)",
+        )
+    given = "relative_positions"
+    if query_positions is not None or key_positions is not None:
+        if relative_positions is not None:
+            raise ValueError(
+                "Pass the positions in one form: `relative_positions` "
+                "(offsets of every key to every query), or per-token "
+                "`query_positions` and `key_positions`, not both."
+            )
+        if query_positions is None or key_positions is None:
+            raise ValueError(
+                "`query_positions` and `key_positions` go together (when "
+                "the keys are the queries, `key_positions` defaults to "
+                "`query_positions`); got only "
+                f"`{'key' if query_positions is None else 'query'}_positions`."
+            )
+        given = "query_positions"
+    if relative_positions is not None or query_positions is not None:
+        if positional and layer.position_embedding_shape is None:
+            raise ValueError(
+                f"`{given}` was given but the layer has no "
+                "position table: pass `position_embedding` to the "
+                "constructor."
+            )
+        if positional and not layer.owns_table and position_embedding is None:
+            raise ValueError(
+                f"`{given}` was given but no table: this layer "
+                "was built with `position_embedding_shape=(None, "
+                f"{layer.position_embedding_shape[1]})`, so pass the table "
+                "at call time as `position_embedding=`."
+            )
+    if offsets_formed:
+        pass
+    elif relative_positions is not None:
+        check_integer("relative_positions", relative_positions)
+        check_shape(
+            "relative_positions", shape_of(relative_positions),
+            (batch, n_queries, n_keys, layer.n_coordinates),
+            "(batch or 1, n_queries, n_keys, n_coordinates)",
+            broadcast=(0, 1, 2),
+        )
+    elif query_positions is not None:
+        for name, tokens, length in (
+            ("query_positions", query_positions, n_queries),
+            ("key_positions", key_positions, n_keys),
+        ):
+            if tokens is None:
+                continue
+            check_integer(name, tokens)
+            check_shape(
+                name, shape_of(tokens), (batch, length, layer.n_coordinates),
+                f"(batch or 1, {'n_queries' if name[0] == 'q' else 'n_keys'}, "
+                "n_coordinates)",
+                broadcast=(0,),
+            )
+    elif "c2c" not in layer.mode:
+        raise ValueError(
+            f"`mode={layer.mode}` needs `relative_positions` (or "
+            "`query_positions` and `key_positions`): without them no "
+            "attention term can be computed."
+        )

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_relattn import _checks, _kernels
+from keras_relattn import _checks, _offsets
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.transformer import RelativeTransformerLayer, serialize_activation
 
@@ -169,7 +169,7 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
             # edspdf's box offsets, formed one block of queries at a time:
             # no (pages, lines + 1, lines + 1, 2) offsets tensor, and the CLS
             # row and column get no position terms.
-            positions = _kernels.BoxOffsets(boxes, self.n_relative_positions, dtype)
+            positions = _offsets.box_offsets(boxes, self.n_relative_positions, dtype)
             table = ops.cast(self.position_embedding, dtype)
 
         logits = []

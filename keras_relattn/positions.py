@@ -16,6 +16,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_relattn._offsets import OFFSET_BOUND as _OFFSET_BOUND
+from keras_relattn._offsets import box_pair_offsets
+
 
 def sequence_relative_positions(query_length, key_length=None):
     """Offsets of 1-D sequences: `key index - query index`.
@@ -171,37 +174,11 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     x0, y0, y1, height = (
         ops.convert_to_tensor(t, dtype="float32") for t in (x0, y0, y1, height)
     )
-    return _box_pair_offsets(
+    return box_pair_offsets(
         (x0[:, :, None], y0[:, :, None], y1[:, :, None], height[:, :, None]),
         (x0[:, None, :], y0[:, None, :], y1[:, None, :], height[:, None, :]),
         n_relative_positions,
     )
-
-
-def _box_pair_offsets(query, key, n_relative_positions):
-    """edspdf's box offsets (see `box_relative_positions`) of every pair of a
-    query box and a key box: `query` and `key` are `(x0, y0, y1, height)`
-    float32 tensors that broadcast against each other, `(pages, queries,
-    1)` and `(pages, 1, keys)`. The one formula of the whole-page helper and
-    of the per-block offsets of `BoxTransformer` (`_kernels.BoxOffsets`)."""
-    q_x0, q_y0, q_y1, q_height = query
-    k_x0, k_y0, k_y1, k_height = key
-    dx = ops.cast((k_x0 - q_x0) * n_relative_positions, "int32")
-    dy = k_y0 - q_y0
-    # The query's height when the key is below it (dy >= 0), else the key's.
-    ref_height = ops.where(dy >= 0, q_height, k_height)
-    dy0 = k_y1 - q_y0  # query top -> key bottom
-    dy1 = k_y0 - q_y1  # query bottom -> key top
-    offset = 0.5
-    below = ops.logical_and(ops.sign(dy0 + offset) > 0, ops.sign(dy1 + offset) > 0)
-    above = ops.logical_and(ops.sign(dy0 - offset) < 0, ops.sign(dy1 - offset) < 0)
-    dy = ops.where(
-        below,
-        ops.ceil(ops.minimum(dy0, dy1) / ref_height + offset),
-        ops.where(above, ops.floor(ops.maximum(dy0, dy1) / ref_height - offset), 0.0),
-    )
-    dy = ops.cast(ops.ceil(ops.abs(dy)) * ops.sign(dy), "int32")
-    return ops.stack([dx, dy], axis=-1)
 
 
 def log_bucket_positions(relative_positions, bucket_size, max_position):
@@ -266,8 +243,6 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
     return ops.where(far, ops.sign(rel) * (mid + n), rel)
 
 
-# Offsets beyond +-2**30 lie beyond any table (the layer clamps there too).
-_OFFSET_BOUND = 2**30
 # At most this many bucket edges are found exactly (256 KiB of int32): every
 # offset up to 2**30 for any `max_position >= 1.5 * mid` or so.
 _MAX_EDGES = 2**16

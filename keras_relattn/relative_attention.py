@@ -1,6 +1,5 @@
 """The `RelativeAttention` layer: DeBERTa-style disentangled attention."""
 
-import functools
 import inspect
 import math
 
@@ -8,17 +7,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _blockwise, _checks, _kernels, config
+from keras_relattn import _blockwise, _checks, _offsets, config
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn._checks import MODES
+from keras_relattn._logits import LogitSum, attend
+from keras_relattn._position_terms import position_terms
 from keras_relattn._projection import ArrayInitializer, Projection
 
-# edspdf *replaces* masked logits by this value before the softmax (it does
-# not add it).  It is representable in float16 and bfloat16, and the softmax
-# always runs in float32, so it can neither overflow nor produce NaN.
-MASKED_LOGIT = -10000.0
-
-# The call arguments besides the three inputs that `_check_call_inputs` checks.
+# The call arguments besides the three inputs that `_checks.call_inputs` checks.
 _CHECKED_CALL_ARGUMENTS = (
     "mask", "relative_positions", "no_position_mask", "base_attn", "position_embedding",
     "query_positions", "key_positions",
@@ -309,8 +305,8 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         content_values_shape=None,
     ):
         if content_queries_shape is not None:
-            self._check_feature_shapes(
-                content_queries_shape, content_keys_shape, content_values_shape
+            _checks.feature_shapes(
+                self, content_queries_shape, content_keys_shape, content_values_shape
             )
         # Every size is known from the constructor, so `build` creates all the
         # state at once: `.keras` loading and weight porting never meet a
@@ -447,201 +443,47 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         for projection in self.projections():
             projection.enable_lora(rank, **options)
 
-    # ---------------------------------------------------------- validation
-    def _check_feature_shapes(self, q_shape, k_shape, v_shape):
-        _checks.check_shape(
-            "content_queries", q_shape, (None, None, self.query_size),
-            "(batch, n_queries, query_size)",
-        )
-        if k_shape is not None:
-            _checks.check_shape(
-                "content_keys", k_shape, (q_shape[0], None, self.key_size),
-                "(batch, n_keys, key_size)",
-            )
-        elif self.query_size != self.key_size:
-            raise ValueError(
-                "`content_keys` is required when `query_size` "
-                f"({self.query_size}) differs from `key_size` ({self.key_size})."
-            )
-        if v_shape is not None:
-            if not self.do_pooling:
-                raise ValueError(
-                    "`content_values` was given but the layer was built with "
-                    "`do_pooling=False`, so it has no value projection. Pass "
-                    "no values to get the logits, or use `do_pooling=True`."
-                )
-            n_keys = (k_shape if k_shape is not None else q_shape)[1]
-            _checks.check_shape(
-                "content_values", v_shape, (q_shape[0], n_keys, self.value_size),
-                "(batch, n_keys, value_size)",
-            )
-
-    def _check_call_inputs(
-        self, queries, keys, values, mask=None, relative_positions=None,
-        no_position_mask=None, base_attn=None, position_embedding=None,
-        query_positions=None, key_positions=None, return_logits=True,
-    ):
-        if not return_logits and values is None:
-            raise ValueError(
-                "`return_logits=False` returns the pooled output alone, so it "
-                "needs `content_values` (and `do_pooling=True`)."
-            )
-        q_shape = _checks.shape_of(queries)
-        k_shape = None if keys is None else _checks.shape_of(keys)
-        v_shape = None if values is None else _checks.shape_of(values)
-        self._check_feature_shapes(q_shape, k_shape, v_shape)
-        batch, n_queries = q_shape[0], q_shape[1]
-        n_keys = (k_shape or q_shape)[1]
-
-        if mask is not None:
-            _checks.check_mask("mask", mask, batch, n_queries, n_keys, self.n_heads)
-        if base_attn is not None:
-            _checks.check_shape(
-                "base_attn", _checks.shape_of(base_attn),
-                (batch, n_queries, n_keys, self.total_heads),
-                "(batch, n_queries, n_keys, n_heads + n_additional_heads)",
-                broadcast=(0, 1, 2, 3),
-            )
-        if no_position_mask is not None:
-            _checks.check_shape(
-                "no_position_mask", _checks.shape_of(no_position_mask),
-                (batch, n_queries, n_keys), "(batch or 1, n_queries, n_keys)",
-                broadcast=(0, 1, 2),
-            )
-        positional = [m for m in self.mode if m != "c2c"]
-        if position_embedding is not None:
-            if self.position_embedding_shape is None:
-                raise ValueError(
-                    "A `position_embedding` table was passed at call time but "
-                    "the layer has no position projections: construct it "
-                    "with `position_embedding_shape=(None, position_size)`."
-                )
-            _checks.check_shape(
-                "position_embedding", _checks.shape_of(position_embedding),
-                (None, self.position_embedding_shape[1]),
-                "(n_positions, position_size)",
-            )
-        given = "relative_positions"
-        if query_positions is not None or key_positions is not None:
-            if relative_positions is not None:
-                raise ValueError(
-                    "Pass the positions in one form: `relative_positions` "
-                    "(offsets of every key to every query), or per-token "
-                    "`query_positions` and `key_positions`, not both."
-                )
-            if query_positions is None or key_positions is None:
-                raise ValueError(
-                    "`query_positions` and `key_positions` go together (when "
-                    "the keys are the queries, `key_positions` defaults to "
-                    "`query_positions`); got only "
-                    f"`{'key' if query_positions is None else 'query'}_positions`."
-                )
-            given = "query_positions"
-        if relative_positions is not None or query_positions is not None:
-            if positional and self.position_embedding_shape is None:
-                raise ValueError(
-                    f"`{given}` was given but the layer has no "
-                    "position table: pass `position_embedding` to the "
-                    "constructor."
-                )
-            if positional and not self.owns_table and position_embedding is None:
-                raise ValueError(
-                    f"`{given}` was given but no table: this layer "
-                    "was built with `position_embedding_shape=(None, "
-                    f"{self.position_embedding_shape[1]})`, so pass the table "
-                    "at call time as `position_embedding=`."
-                )
-        if isinstance(relative_positions, _kernels.BlockOffsets):
-            pass  # formed inside the package from checked inputs (`BoxTransformer`)
-        elif relative_positions is not None:
-            _checks.check_integer("relative_positions", relative_positions)
-            _checks.check_shape(
-                "relative_positions", _checks.shape_of(relative_positions),
-                (batch, n_queries, n_keys, self.n_coordinates),
-                "(batch or 1, n_queries, n_keys, n_coordinates)",
-                broadcast=(0, 1, 2),
-            )
-        elif query_positions is not None:
-            for name, tokens, length in (
-                ("query_positions", query_positions, n_queries),
-                ("key_positions", key_positions, n_keys),
-            ):
-                if tokens is None:
-                    continue
-                _checks.check_integer(name, tokens)
-                _checks.check_shape(
-                    name, _checks.shape_of(tokens), (batch, length, self.n_coordinates),
-                    f"(batch or 1, {'n_queries' if name[0] == 'q' else 'n_keys'}, "
-                    "n_coordinates)",
-                    broadcast=(0,),
-                )
-        elif "c2c" not in self.mode:
-            raise ValueError(
-                f"`mode={self.mode}` needs `relative_positions` (or "
-                "`query_positions` and `key_positions`): without them no "
-                "attention term can be computed."
-            )
-
     # ------------------------------------------------------------- call
-    def call(
-        self,
-        content_queries,
-        content_keys=None,
-        content_values=None,
-        mask=None,
-        relative_positions=None,
-        no_position_mask=None,
-        base_attn=None,
-        position_embedding=None,
-        training=None,
-        return_logits=True,
-        query_positions=None,
-        key_positions=None,
-        content_queries_mask=None,
-        content_keys_mask=None,
-        content_values_mask=None,
-    ):
+    def call(self, content_queries, content_keys=None, content_values=None, mask=None,
+             relative_positions=None, no_position_mask=None, base_attn=None,
+             position_embedding=None, training=None, return_logits=True, query_positions=None,
+             key_positions=None, content_queries_mask=None, content_keys_mask=None,
+             content_values_mask=None):
         key_positions = _default_key_positions(
             content_queries, content_keys, query_positions, key_positions
         )
-        (
-            queries, keys, values, mask, relative_positions, no_position_mask, base_attn,
-            table, query_positions, key_positions,
-        ) = (
-            self._convert_input(name, value) for name, value in zip(_CALL_ARGUMENTS, (
-                content_queries, content_keys, content_values, mask, relative_positions,
-                no_position_mask, base_attn, position_embedding, query_positions,
-                key_positions,
-            ))
-        )
-        self._check_call_inputs(
-            queries, keys, values, mask, relative_positions, no_position_mask, base_attn,
-            table, query_positions, key_positions, return_logits=return_logits,
-        )
+        given = (content_queries, content_keys, content_values, mask, relative_positions,
+                 no_position_mask, base_attn, position_embedding, query_positions, key_positions)
+        inputs = {name: self._convert_input(name, value)
+                  for name, value in zip(_CALL_ARGUMENTS, given)}
+        _checks.call_inputs(self, **inputs, return_logits=return_logits,
+                            offsets_formed=self._formed(inputs["relative_positions"]))
+        queries, keys, values = (inputs.pop(name) for name in _CALL_ARGUMENTS[:3])
         key_mask = content_queries_mask if keys is None else content_keys_mask
         keys = queries if keys is None else keys
         if self._statically_empty(queries, keys):
             return self._empty_outputs(queries, keys, values, return_logits)
-        attend = self._combine_masks(mask, key_mask, content_values_mask)
-        if query_positions is not None:  # offsets formed block by block
-            relative_positions = _kernels.TokenOffsets(query_positions, key_positions)
-        use_positions = relative_positions is not None and self._has_position_terms
+        attend_mask = self._combine_masks(inputs["mask"], key_mask, content_values_mask)
+        offsets = inputs["relative_positions"]
+        if inputs["query_positions"] is not None:  # offsets formed block by block
+            offsets = _offsets.token_offsets(inputs["query_positions"], inputs["key_positions"])
+        use_positions = offsets is not None and self._has_position_terms
         scale = self._logit_scale(use_positions)
-
         q, k = self._content_heads(queries, keys, scale, training)
-        tables = self._position_tables(table, scale, training) if use_positions else None
+        position = None
+        if use_positions:
+            tables = self._position_tables(inputs["position_embedding"], scale, training)
+            position = (tables, offsets, inputs["no_position_mask"])
         if not return_logits:
-            return self._pooled_only(
-                q, k, values, tables, relative_positions, no_position_mask, base_attn,
-                attend, training,
-            )
-        logits = self._logits(q, k, tables, relative_positions, no_position_mask, base_attn)
+            return self._pooled_only(q, k, values, position, inputs["base_attn"], attend_mask,
+                                     training)
+        logits = self._logits(q, k, position, inputs["base_attn"])
         if values is None:
             return logits.bqkh()
-        pooled = self._pool(
-            logits.bhqk()[:, self.n_additional_heads:], values, attend, training
-        )
-        return pooled, logits.bqkh()
+        values = self.value_projection(self._dropout(values, training))
+        pooled = attend(logits.bhqk()[:, self.n_additional_heads:], values, attend_mask,
+                        lambda weights: self._dropout(weights, training))
+        return self._merge_heads(pooled), logits.bqkh()
 
     # ------------------------------------------------------------ call steps
     def _convert_input(self, name, value):
@@ -649,7 +491,7 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         that Python lists become arrays and 64-bit integer offsets are
         clamped while still 64-bit (JAX without x64 wraps them to int32 on
         conversion; any offset beyond the bound lies beyond any table)."""
-        if value is None or isinstance(value, (keras.KerasTensor, _kernels.BlockOffsets)):
+        if value is None or isinstance(value, (keras.KerasTensor, _offsets.FormedOffsets)):
             return value
         if isinstance(value, (list, tuple)):
             value = np.asarray(value)
@@ -661,9 +503,13 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             and value.dtype.kind in "iu"
             and value.dtype.itemsize > 4 - (value.dtype.kind == "u")
         ):
-            bound = _kernels.OFFSET_BOUND
+            bound = _offsets.OFFSET_BOUND
             value = np.clip(value, -bound, bound).astype("int32")
         return self.dtype_policy.convert_input(value, self.autocast, self.input_dtype)
+
+    @staticmethod
+    def _formed(relative_positions):
+        return isinstance(relative_positions, _offsets.FormedOffsets)
 
     @staticmethod
     def _statically_empty(queries, keys):
@@ -704,125 +550,72 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
         return pos_q, pos_k
 
-    def _logits(self, q, k, tables, relative_positions, no_position_mask, base_attn):
-        """Every head's logits: c2c + c2p + p2c (scaled), base, head bias."""
-        logits = _kernels.LogitSum()
+    def _logits(self, q, k, position, base_attn):
+        """Every head's logits, `LogitSum` of c2c + c2p + p2c (scaled),
+        base and head bias."""
+        logits = LogitSum()
         if "c2c" in self.mode:
             logits.add(ops.einsum("bqhd,bkhd->bhqk", q, k), "bhqk")
-        if tables is not None:
-            position_terms = _kernels.PositionTerms(
-                q, k, *tables, relative_positions, no_position_mask
-            )
-            logits.add(position_terms.logits(), position_terms.output)
+        if position is not None:
+            (pos_q, pos_k), offsets, no_position_mask = position
+            terms, tensors = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask)
+            logits.add(terms.logits(tensors), terms.output)
         if base_attn is not None:
             logits.add(ops.cast(base_attn, self.compute_dtype), "bqkh")
         if self.use_head_bias:
             logits.add_head_bias(self.head_bias)
         return logits
 
-    def _pool(self, logits, values, attend, training):
-        """Masked float32 softmax of `(batch, pooling heads, queries, keys)`
-        logits, averaging the projected values: `(batch, queries, heads,
-        value_head_size)`, heads concatenated to `(batch, queries, size)`."""
-        values = self.value_projection(self._dropout(values, training))
-        return self._merge_heads(self._attend(logits, values, attend, training))
-
-    def _attend(self, logits, values, attend, training, seed=None, first_row=0):
-        """Masked float32 softmax, dropout and pooling. With a `seed`, the
-        dropout mask is `_blockwise.keep_mask`'s (the same when a block is
-        recomputed); else the dropout layer's."""
-        logits = ops.cast(logits, "float32")
-        if attend is not None:
-            logits = ops.where(attend, logits, MASKED_LOGIT)
-        weights = ops.cast(_kernels.softmax(logits, axis=-1), self.compute_dtype)
-        if seed is None:
-            weights = self._dropout(weights, training)
-        else:
-            rate = self._dropout_layer.rate
-            keep = _blockwise.keep_mask(seed, ops.shape(weights), first_row, rate)
-            weights = ops.where(keep, weights * ops.cast(1.0 / (1.0 - rate), weights.dtype), 0.0)
-        return ops.einsum("bhqk,bkhd->bqhd", weights, values)
-
     def _merge_heads(self, pooled):
         return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))
 
-    def _pooled_only(
-        self, q, k, values, tables, relative_positions, no_position_mask, base_attn,
-        attend, training,
-    ):
-        """The pooled output alone (`return_logits=False`).
-
-        Only the pooling heads are computed (the additional heads only make
-        logits), all in `(batch, heads, queries, keys)`, the layout the
-        softmax reads, and over blocks of queries when the inputs are long:
-        no `(batch, heads, queries, keys)` tensor is held for the whole input
-        (see `_blockwise`). Each block follows the full path's rules
-        exactly (mask *replaces* logits by -10000, float32 softmax, dropout).
-        With several blocks of a long input, each is recomputed in the
-        backward pass instead of kept (`_kernels.checkpoint`), so training is
-        bounded too.
-        """
+    def _pooled_only(self, q, k, values, position, base_attn, attend_mask, training):
+        """The pooled output alone (`return_logits=False`): the pooling heads
+        only, in `(batch, heads, queries, keys)`, through `_blockwise.pooled`
+        (blocks of queries for long inputs, recomputed in training)."""
         first = self.n_additional_heads
         q, k = q[:, :, first:], k[:, :, first:]
-        values = self.value_projection(self._dropout(values, training))
+        tensors = {"values": self.value_projection(self._dropout(values, training))}
+        constants = {} if attend_mask is None else {"attend": attend_mask}
         extra = []  # terms broadcastable to (batch, heads, queries, keys)
         if base_attn is not None:
             base = self._pooling_heads(ops.cast(base_attn, self.compute_dtype))
             extra.append(ops.transpose(base, (0, 3, 1, 2)))
-        c2c_q, c2c_k = q, k
+        if "c2c" in self.mode:
+            tensors["c2c_q"], tensors["c2c_k"] = q, k
         if self.use_head_bias:
             bias = ops.cast(self.head_bias[first:], self.compute_dtype)
-            if "c2c" in self.mode:
-                # Inside the c2c matmul (q . k + bias . 1): one pass less
-                # over the (b, h, q, k) logits.
-                c2c_q = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]], -1)
-                c2c_k = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
+            if "c2c" in self.mode:  # in the c2c matmul (q . k + bias . 1): one pass less
+                tensors["c2c_q"] = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]],
+                                                   -1)
+                tensors["c2c_k"] = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
             else:
                 extra.append(bias[:, None, None])
-        if "c2c" not in self.mode:
-            c2c_q = c2c_k = None
-        position_terms = None
-        if tables is not None:  # the table scores, once for every block
+        tensors.update((f"extra{i}", term) for i, term in enumerate(extra))
+        terms = None
+        if position is not None:  # the table scores, once for every block
+            tables, offsets, no_position_mask = position
             pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
-            position_terms = _kernels.PositionTerms(
-                q, k, pos_q, pos_k, relative_positions, no_position_mask, output="bhqk"
-            )
+            terms, found = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
+                                          output="bhqk")
+            scores = terms.score_names()
+            tensors.update((name, found[name]) for name in scores)
+            constants.update((name, t) for name, t in found.items() if name not in scores)
         blocks = _blockwise.query_blocks(q, k, self.n_heads)
         recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
         config._record(config.BlockPlan(_checks.shape_of(q)[1], len(blocks), recompute))
-        seed = None
-        if len(blocks) > 1 and training and self._dropout_layer is not None:
-            # One draw per call; each block's mask is a function of it (the
-            # same when the block is recomputed, or kept).
-            seed = keras.random.randint(
-                (), 0, 2**31 - 1, dtype="int32", seed=self._dropout_layer.seed_generator
-            )
-        tensors = [] if c2c_q is None else [c2c_q, c2c_k]
-        if position_terms is not None:
-            tensors += position_terms.score_tensors()
-        tensors += [values, *extra]
-        pooled_block = self._block_function(c2c_q is not None, position_terms, attend, training,
-                                            seed)
-        if recompute:
-            done = _kernels.recomputed_blocks(pooled_block, blocks, tensors)
-            if done is not None:
-                return self._merge_heads(done)
-        pooled = []
-        for rows in blocks:
-            done = None
-            if recompute:
-                done = _kernels.checkpoint(functools.partial(pooled_block, rows), tensors)
-            elif self._dropout_layer is None or not training:
-                block = functools.partial(_kernels.take_rows, axis=2, rows=rows)
-                done = _kernels.inference_pooling(
-                    None if c2c_q is None else c2c_q[:, rows], c2c_k, position_terms, rows,
-                    [block(term) for term in extra], None if attend is None else block(attend),
-                    values, MASKED_LOGIT,
-                )
-            if done is None:
-                done = pooled_block(rows, *tensors)
-            pooled.append(done)
-        return self._merge_heads(pooled[0] if len(pooled) == 1 else ops.concatenate(pooled, 1))
+        rate, dropout = 0.0, None
+        if training and self._dropout_layer is not None:
+            if len(blocks) > 1:  # one draw per call, each block's mask a function of it
+                rate, constants["seed"] = self.dropout_p, _blockwise.draw_seed(
+                    self._dropout_layer.seed_generator)
+            else:
+                dropout = lambda weights: self._dropout(weights, training)  # noqa: E731
+        step = _blockwise.BlockStep(c2c="c2c" in self.mode, positions=terms,
+                                    n_extra=len(extra), masked=attend_mask is not None,
+                                    dropout_rate=rate)
+        pooled = _blockwise.pooled(step, tensors, constants, blocks, recompute, dropout)
+        return self._merge_heads(pooled)
 
     def _pooling_heads(self, base):
         """`base_attn` `(batch, queries, keys, heads or 1)` for the pooling
@@ -836,37 +629,6 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         if heads is None:
             base = base + ops.zeros((self.total_heads,), base.dtype)
         return base[..., first:]
-
-    def _block_function(self, has_c2c, position_terms, attend, training, seed):
-        """`pooled_block(rows, *tensors)`: one block of queries' logits,
-        masked float32 softmax, dropout and pooling, `(batch, rows, heads,
-        value_head_size)`.
-
-        `tensors` are whole (the block takes its rows): the c2c queries and
-        keys (with c2c), the table scores (`PositionTerms.score_tensors`),
-        the values, then the extra terms. They are what a recomputed block
-        differentiates (`_kernels.checkpoint`, `recomputed_blocks`); the
-        masks and offsets are read in place.
-        """
-        n_c2c = 2 if has_c2c else 0
-        n_scores = 0 if position_terms is None else len(position_terms.score_tensors())
-
-        def pooled_block(rows, *tensors):
-            c2c, scores = tensors[:n_c2c], tensors[n_c2c:n_c2c + n_scores]
-            values, extra = tensors[n_c2c + n_scores], tensors[n_c2c + n_scores + 1:]
-            terms = []
-            if c2c:
-                c2c_q = _kernels.take_rows(c2c[0], 1, rows)
-                terms.append(ops.einsum("bqhd,bkhd->bhqk", c2c_q, c2c[1]))
-            if position_terms is not None:
-                terms.append(position_terms.with_scores(scores).logits(rows))
-            terms += [_kernels.take_rows(term, 2, rows) for term in extra]
-            block_attend = None if attend is None else _kernels.take_rows(attend, 2, rows)
-            first_row = 0 if rows.start is None else rows.start
-            return self._attend(_kernels.add_all(terms), values, block_attend, training, seed,
-                                first_row)
-
-        return pooled_block
 
     def _dropout(self, x, training):
         if self._dropout_layer is None:
@@ -891,11 +653,11 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
 
     def _combine_masks(self, mask, key_mask, values_mask):
         """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
-        attend = None
+        attend_mask = None
         for m in (key_mask, values_mask):
             if m is not None:
                 m = _checks.as_bool(m)[:, None, None, :]
-                attend = m if attend is None else ops.logical_and(attend, m)
+                attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
         if mask is not None:
             m = _checks.as_bool(mask)
             if len(m.shape) == 2:
@@ -904,8 +666,8 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
                 m = m[:, None]
             else:  # (b, q, k, pooling heads)
                 m = ops.transpose(m, (0, 3, 1, 2))
-            attend = m if attend is None else ops.logical_and(attend, m)
-        return attend
+            attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
+        return attend_mask
 
     # ------------------------------------------------------- keras plumbing
     def compute_output_shape(
@@ -915,8 +677,8 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
         content_values_shape=None,
     ):
         """`logits` shape, or `(pooled, logits)` shapes when values are given."""
-        self._check_feature_shapes(
-            content_queries_shape, content_keys_shape, content_values_shape
+        _checks.feature_shapes(
+            self, content_queries_shape, content_keys_shape, content_values_shape
         )
         batch, n_queries = content_queries_shape[0], content_queries_shape[1]
         n_keys = (content_keys_shape or content_queries_shape)[1]
@@ -935,10 +697,11 @@ class RelativeAttention(KeywordCallArguments, keras.layers.Layer):
             content_queries, content_keys, kwargs.get("query_positions"),
             kwargs.get("key_positions"),
         )
-        self._check_call_inputs(
-            content_queries, content_keys, content_values,
+        _checks.call_inputs(
+            self, content_queries, content_keys, content_values,
             **{name: kwargs.get(name) for name in _CHECKED_CALL_ARGUMENTS},
             return_logits=return_logits,
+            offsets_formed=self._formed(kwargs.get("relative_positions")),
         )
         shapes = self.compute_output_shape(
             _checks.shape_of(content_queries),

@@ -4,9 +4,15 @@
 import keras
 from keras import ops
 
-from keras_relattn import _checks, _kernels
+from keras_relattn import _backend, _checks
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.relative_attention import RelativeAttention
+
+
+def exact_gelu(x):
+    """The exact GELU (torch's, edspdf's default), in a form every export of
+    the backend carries (`_backend.get().exact_gelu`)."""
+    return _backend.get().exact_gelu(x)
 
 
 def tanh_gelu(x):
@@ -14,8 +20,8 @@ def tanh_gelu(x):
     return keras.activations.gelu(x, approximate=True)
 
 
-# "gelu": torch's exact GELU, edspdf's default (see `_kernels.exact_gelu`).
-_NAMED_ACTIVATIONS = {"gelu": _kernels.exact_gelu, "gelu_tanh": tanh_gelu}
+# "gelu": torch's exact GELU, edspdf's default.
+_NAMED_ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": tanh_gelu}
 
 
 def get_activation(activation):
@@ -48,11 +54,11 @@ def get_activation(activation):
 
 class LayerNorm(keras.layers.LayerNormalization):
     """`LayerNormalization` over the last axis that exports to ONNX from
-    torch too (see `_kernels.torch_layer_norm`); the same weights and
+    torch too (see `_backend.get().layer_norm`); the same weights and
     numbers."""
 
     def call(self, inputs):
-        outputs = _kernels.torch_layer_norm(
+        outputs = _backend.get().layer_norm(
             inputs, ops.convert_to_tensor(self.gamma), ops.convert_to_tensor(self.beta),
             self.epsilon, size=self.gamma.shape[-1],  # a Keras variable's static shape
         )

@@ -13,11 +13,11 @@ from helpers import BACKEND, edspdf_module, input_and_weight_gradients, run_edsp
 from keras_relattn import (
     RelativeAttention,
     RelativeTransformerLayer,
-    _kernels,
     config,
     edspdf_state_dict,
     load_edspdf_state_dict,
 )
+from keras_relattn._position_terms import flat_index_fits
 from reference import reference_attention, weights_of
 
 # Compares with the real edspdf or DeBERTa: a skip here fails the run (conftest).
@@ -117,10 +117,10 @@ def test_int32_offsets_at_the_int32_limits(rng):
 
 def test_flat_gather_guard_is_exact_at_the_int32_limit():
     """`(batch * rows + row) * n_positions + offset` must stay below 2**31."""
-    assert not _kernels.flat_index_fits(65, 4096, 8192)  # the reported case
-    assert _kernels.flat_index_fits(64, 4096, 8191)
-    assert not _kernels.flat_index_fits(2, 2**30, 1)
-    assert not _kernels.flat_index_fits(None, 4, 4)  # unknown: not proved
+    assert not flat_index_fits(65, 4096, 8192)  # the reported case
+    assert flat_index_fits(64, 4096, 8191)
+    assert not flat_index_fits(2, 2**30, 1)
+    assert not flat_index_fits(None, 4, 4)  # unknown: not proved
 
 
 @pytest.mark.parametrize("modes", [("c2c", "c2p", "p2c"), ("c2p",), ("p2c",)])

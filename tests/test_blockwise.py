@@ -19,6 +19,7 @@ from keras_relattn import (
     load_edspdf_state_dict,
     positions,
 )
+from keras_relattn._logits import keep_mask
 from parity_cases import ALL_MODES
 from test_adversarial import (
     FLOAT_INPUTS,
@@ -238,7 +239,7 @@ def test_blockwise_dropout_statistics_match_the_full_path(rng):
     assert np.abs(blockwise.mean(0) - full.mean(0)).mean() < 4 * scale * np.sqrt(2 / draws)
     # The rate is the configured one: the mean of kept weights.
     seed = keras.ops.convert_to_tensor(np.int32(11))
-    kept = to_numpy(_blockwise.keep_mask(seed, (4, 8, 64, 64), 0, 0.3)).mean()
+    kept = to_numpy(keep_mask(seed, (4, 8, 64, 64), 0, 0.3)).mean()
     assert abs(kept - 0.7) < 0.01
 
 

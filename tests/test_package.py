@@ -1,19 +1,23 @@
-"""The package's shape: backend code in one module, no import cycle, nothing
-that needs edspdf or the benchmark."""
+"""The package's shape: backend code in `_backend` only, no import cycle,
+nothing that needs edspdf or the benchmark, no import side effect."""
 
 import ast
 import os
+import re
 
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "keras_relattn")
-MODULES = sorted(f[:-3] for f in os.listdir(PACKAGE) if f.endswith(".py"))
+MODULES = sorted(
+    os.path.relpath(os.path.join(folder, f), PACKAGE)[:-3].replace(os.sep, ".")
+    for folder, _, files in os.walk(PACKAGE) for f in files if f.endswith(".py")
+)
 
 
 def imported(module):
     """Top-level names of every module `module` imports, anywhere in it."""
-    with open(os.path.join(PACKAGE, module + ".py")) as f:
+    with open(os.path.join(PACKAGE, module.replace(".", os.sep) + ".py")) as f:
         tree = ast.parse(f.read())
     names = set()
     for node in ast.walk(tree):
@@ -23,13 +27,32 @@ def imported(module):
             names.add(node.module)
             if node.module == "keras_relattn":
                 names |= {f"keras_relattn.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:  # relative: the package's
+            names.add("keras_relattn." + (node.module or ""))
     return names
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_only_the_kernels_module_imports_a_backend(module):
+def test_only_the_backend_modules_import_a_backend_or_name_one(module):
+    """`_backend.<name>` alone imports its backend; nothing else compares
+    `keras.backend.backend()`."""
     backends = {n for n in imported(module) if n.split(".")[0] in ("jax", "tensorflow", "torch")}
-    assert module == "_kernels" or not backends, backends
+    own = module.startswith("_backend.") and module.split(".")[1] in ("jax", "tensorflow", "torch")
+    assert own or not backends, backends
+    if own:
+        assert backends <= {module.split(".")[1]} | {
+            n for n in backends if n.split(".")[0] == module.split(".")[1]}, backends
+    with open(os.path.join(PACKAGE, module.replace(".", os.sep) + ".py")) as f:
+        source = f.read()
+    if module != "_backend.__init__":
+        assert not re.search(r"backend\.backend\(\)\s*(==|!=|in\b)", source)
+
+
+def test_importing_the_package_has_no_side_effect():
+    """`import keras_relattn` neither reads `sys.argv` nor touches stderr."""
+    with open(os.path.join(PACKAGE, "__init__.py")) as f:
+        init = f.read()
+    assert "sys" not in init and "_demo" not in init
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -38,9 +61,15 @@ def test_nothing_needs_edspdf_or_the_benchmark(module):
 
 
 def test_no_import_cycle():
+    def modules_of(name):  # keras_relattn.x.y -> x.y if a module, else x
+        parts = name.split(".")[1:]
+        dotted = ".".join(parts)
+        return dotted if dotted in MODULES else parts[0] if parts else None
+
     graph = {
-        module: {n.split(".")[1] for n in imported(module)
-                 if n.startswith("keras_relattn.") and n.split(".")[1] in MODULES}
+        module: {m for m in (modules_of(n) for n in imported(module)
+                             if n.startswith("keras_relattn."))
+                 if m in MODULES and m != module}
         for module in MODULES
     }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import BACKEND, to_numpy
-from keras_relattn import RelativeAttention, RelativeTransformerLayer, _kernels, config
+from keras_relattn import RelativeAttention, RelativeTransformerLayer, config
 from keras_relattn import _blockwise
 from parity_cases import CASES, make_case
 
@@ -68,7 +68,7 @@ def test_long_inputs_are_pooled_in_blocks():
     blocks = _blockwise.query_blocks(q, q, 4)
     assert len(blocks) > 1
     rows = blocks[0].stop - blocks[0].start
-    assert 4 * rows * 8192 <= _kernels.pooling_block_elements()
+    assert 4 * rows * 8192 <= _blockwise.block_elements()
 
 
 def test_fully_masked_rows_average_the_values(rng, blocks):

@@ -36,7 +36,7 @@ def readme_commands():
 
 def test_readme_starts_with_demo_and_test_commands():
     demo, tests = readme_commands()[:2]
-    assert "python -m keras_relattn" in demo
+    assert demo.endswith("keras-relattn-demo")
     assert "python tests/run_all_backends.py" in tests
     assert "torch==2.13.0" in tests.split(".[test]")[0]  # pinned torch first
 
@@ -143,9 +143,10 @@ def test_the_site_builds_strictly(tmp_path):
 
 
 def test_demo_prints_its_own_lines_only():
-    """`python -m keras_relattn`: no TensorFlow start-up notices around them."""
+    """`keras-relattn-demo` (the module behind it): no TensorFlow start-up
+    notices around them."""
     done = subprocess.run(
-        [sys.executable, "-m", "keras_relattn"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "keras_relattn_demo"], cwd=ROOT, capture_output=True, text=True,
         env=dict(os.environ, KERAS_BACKEND=BACKEND), timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

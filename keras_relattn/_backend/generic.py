@@ -1,0 +1,160 @@
+"""The backend interface in plain `keras.ops`: the fallback of every backend
+without a faster way, and the reference each fast path is tested against
+(`tests/test_backend.py`)."""
+
+import math
+
+from keras import ops
+
+try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
+    from keras.src.backend import nn as _backend_nn
+
+    _softmax = _backend_nn.softmax
+except (ImportError, AttributeError):  # pragma: no cover - other Keras layouts
+    _softmax = ops.softmax
+
+# The integer dtype of table indices (int32: JAX without x64 has no int64).
+INDEX_DTYPE = "int32"
+# How table scores are laid out for the flat gather: "heads_minor", `(rows * P,
+# heads)`, each gathered item one contiguous run of `heads` scores; or
+# "head_major", `(heads, rows * P)`, a per-head batched matmul and a gather of
+# one score per head (see `_position_terms`).
+SCORE_LAYOUT = "heads_minor"
+# The layout the position logits are gathered into: "bhqk" (the softmax's)
+# or "bqkh" (the returned logits').
+LOGITS_LAYOUT = "bhqk"
+# Whether scores `(batch, heads, rows, P)` are best gathered along each row
+# (`take_along_rows`) rather than by flat numbers.
+GATHERS_ALONG_ROWS = False
+
+
+def default_block_elements():
+    """The largest `(batch, heads, rows, keys)` block the pooled path holds at
+    a time: 2**23 (32 MiB of float32), a bound on memory."""
+    return 2**23
+
+
+def sizes_are_frozen():
+    """Whether sizes read now are recorded as constants by a tracer (torch's
+    `jit.trace`): a decision taken on them would be frozen."""
+    return False
+
+
+def softmax(x, axis=-1):
+    """The backend's fused softmax. Not `keras.ops.softmax`: it warns when the
+    axis has length 1 (one key), a legitimate case here, and a Python test of
+    that length would be frozen by tracers."""
+    return _softmax(x, axis=axis)
+
+
+def masked_softmax_in_place(logits, attend, masked_logit):
+    """float32 `logits` with the pairs where `attend` is False *replaced* by
+    `masked_logit`, softmaxed over the last axis: in place where the backend
+    can (see `works_in_place`); here, a new tensor."""
+    if attend is not None:
+        logits = ops.where(attend, logits, masked_logit)
+    return softmax(logits, axis=-1)
+
+
+def take_columns(table, columns, heads_last=True):
+    """`table[:, columns]` for a 2-D `(heads, n)` table and integer column
+    numbers known in range: `(*columns.shape, heads)` with `heads_last`, else
+    `(columns.shape[0], heads, *columns.shape[1:])`."""
+    taken = ops.take(table, columns, axis=1)
+    return _heads_to(taken, columns, heads_last)
+
+
+def _heads_to(taken, columns, heads_last):
+    """`(heads, *columns.shape)` moved to where `take_columns` puts the heads."""
+    rank = len(columns.shape)
+    if not heads_last:
+        return ops.transpose(taken, (1, 0) + tuple(range(2, rank + 1)))
+    return ops.transpose(taken, tuple(range(1, rank + 1)) + (0,))
+
+
+def take_along_rows(scores, index, axis, out=None):
+    """Scores gathered along `axis` of each row.
+
+    Args:
+        scores: `(batch, heads, rows, P)` (axis 3) or `(batch, heads, P,
+            keys)` (axis 2).
+        index: `(batch or 1, queries, keys)` integers in `[0, P)`.
+        out: a buffer of the result's shape, written in place where the
+            backend can (ignored here).
+
+    Returns:
+        `(batch, heads, queries, keys)`: `scores[b, h, q, index[b, q, k]]`
+        (axis 3) or `scores[b, h, index[b, q, k], k]` (axis 2).
+    """
+    batch, heads = ops.shape(scores)[0], ops.shape(scores)[1]
+    shape = (batch, heads, ops.shape(index)[1], ops.shape(index)[2])
+    index = ops.broadcast_to(ops.expand_dims(index, 1), shape)
+    return ops.take_along_axis(scores, index, axis=axis)
+
+
+def exact_gelu(x):
+    """The exact GELU, `x / 2 * (1 + erf(x / sqrt(2)))`, in a form every
+    export can carry (Keras' TensorFlow GELU uses `Erfc`, which ONNX lacks;
+    the `erf` form is torch's own formula)."""
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def layer_norm(x, gamma, beta, epsilon, size):
+    """Layer normalization over the last axis of static `size`, or None where
+    Keras' own `LayerNormalization` serves (here)."""
+    return None
+
+
+def works_in_place(tensors):
+    """Whether a block of inference may update its logits in place (no
+    gradient recorded through `tensors`, float32, not compiling): never
+    here."""
+    return False
+
+
+def add_in_place(total, term):
+    """`total + term`, into `total` where the backend works in place."""
+    return total + term
+
+
+def add_matmul_in_place(total, a, b):
+    """`total + a @ b` (batched, `(batch, heads, rows, d) @ (batch, heads, d,
+    keys)`), into `total` where the backend works in place."""
+    return total + ops.matmul(a, b)
+
+
+def multiply_in_place(total, factor):
+    """`total * factor`, into `total` where the backend works in place."""
+    return total * factor
+
+
+def checkpoint(fn, rows, tensors, constants):
+    """`fn(rows, tensors, constants)`, whose intermediates the backward pass
+    recomputes instead of keeping (where the backend can; here: kept).
+
+    `tensors` (a dict) are what the gradient flows to, `constants` (a dict)
+    are read only. `fn` must compute the same numbers when called again (no
+    stateful random draw inside) and read every tensor from its arguments.
+    """
+    return fn(rows, tensors, constants)
+
+
+def recomputed_blocks(fn, blocks, tensors, constants, key):
+    """`fn(rows, tensors, constants)` for each block of queries (`slice`s, in
+    order), concatenated on axis 1, each recomputed in the backward pass
+    inside one loop; or None where the backend has no such loop (the caller
+    then runs a Python loop of `checkpoint`s).
+
+    `key`, hashable, determines `fn` (its computation, apart from the
+    tensors): backends that compile the loop cache it by `key`.
+    """
+    return None
+
+
+def is_compiling():
+    """Whether a compiler traces the call now (torch.compile); eager
+    elsewhere is decided by the caller's tensors."""
+    return False
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("math", "ops")]

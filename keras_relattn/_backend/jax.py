@@ -1,0 +1,95 @@
+"""The backend interface on JAX: one `lax.gather` that writes the logits in
+their layout, and the recomputed blocks as a `lax.map` of `jax.checkpoint`,
+compiled once per configuration and shape."""
+
+import jax
+import keras
+from jax import lax
+from keras import ops
+
+from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
+    GATHERS_ALONG_ROWS,
+    INDEX_DTYPE,
+    add_in_place,
+    add_matmul_in_place,
+    default_block_elements,
+    is_compiling,
+    layer_norm,
+    masked_softmax_in_place,
+    multiply_in_place,
+    sizes_are_frozen,
+    softmax,
+    take_along_rows,
+    works_in_place,
+)
+
+# On XLA, head-major scores and a gather written `(batch, queries, keys,
+# heads)` (the returned logits' layout) fuse best; XLA adds the c2c term
+# transposed inside the gather's fusion.
+SCORE_LAYOUT = "head_major"
+LOGITS_LAYOUT = "bqkh"
+
+
+def take_columns(table, columns, heads_last=True):
+    # One gather whose output already has the heads where they go: XLA then
+    # writes the logits once, in order.
+    dims = lax.GatherDimensionNumbers(
+        offset_dims=(columns.ndim if heads_last else 1,),
+        collapsed_slice_dims=(1,),
+        start_index_map=(1,),
+    )
+    return lax.gather(
+        table, columns[..., None], dims, (table.shape[0], 1), mode="promise_in_bounds"
+    )
+
+
+def exact_gelu(x):
+    """Keras' GELU (`erfc`) on JAX: `lax.erf` lowers to a StableHLO composite
+    that TensorFlow's SavedModel loader (2.21) cannot read."""
+    return keras.activations.gelu(x, approximate=False)
+
+
+def checkpoint(fn, rows, tensors, constants):
+    return jax.checkpoint(lambda t: fn(rows, t, constants))(tensors)
+
+
+def recomputed_blocks(fn, blocks, tensors, constants, key):
+    """A `lax.map` of `jax.checkpoint` over the equal blocks (their first row
+    traced), the shorter last one checkpointed apart: a loop's iterations run
+    one after the other, where a Python loop of checkpoints leaves XLA free
+    to schedule every block's recomputation at once (4.1 GiB of temporaries
+    at 8192 tokens under `jax.jit`). The loop is one `jax.jit`, cached by
+    `key` and the blocks, so an eager call compiles it once per shape."""
+    size = blocks[0].stop - blocks[0].start
+    n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
+    tail = tuple((rows.start, rows.stop) for rows in blocks[n_equal:])
+    cache_key = (key, size, n_equal, tail)
+    if cache_key not in _LOOPS:
+        if len(_LOOPS) >= 64:
+            _LOOPS.pop(next(iter(_LOOPS)))
+        _LOOPS[cache_key] = _compiled_loop(fn, size, n_equal, tail)
+    return _LOOPS[cache_key](tensors, constants)
+
+
+# Compiled loops by (key, blocks): `fn` is the one of the first call with that
+# key, which determines it.
+_LOOPS = {}
+
+
+def _compiled_loop(fn, size, n_equal, tail):
+    from keras_relattn._offsets import BlockRows
+
+    def loop(tensors, constants):
+        def block(start):
+            return fn(BlockRows(start, size), tensors, constants)
+
+        starts = ops.arange(n_equal, dtype="int32") * size
+        looped = lax.map(jax.checkpoint(block), starts)  # (blocks, batch, rows, ...)
+        looped = ops.swapaxes(looped, 0, 1)
+        shape = tuple(looped.shape)
+        done = [ops.reshape(looped, (shape[0], n_equal * size) + shape[3:])]
+        for start, stop in tail:
+            done.append(checkpoint(fn, slice(start, stop), tensors, constants))
+        return done[0] if len(done) == 1 else ops.concatenate(done, 1)
+
+    return jax.jit(loop)

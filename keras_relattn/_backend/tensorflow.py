@@ -1,0 +1,119 @@
+"""The backend interface on TensorFlow: `tf.gather` of head-major scores, and
+the recomputed blocks as one `tf.custom_gradient` (a `tf.while_loop` in a
+graph)."""
+
+import tensorflow as tf
+
+from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
+    GATHERS_ALONG_ROWS,
+    INDEX_DTYPE,
+    _heads_to,
+    add_in_place,
+    add_matmul_in_place,
+    checkpoint,
+    default_block_elements,
+    exact_gelu,
+    is_compiling,
+    layer_norm,
+    masked_softmax_in_place,
+    multiply_in_place,
+    sizes_are_frozen,
+    softmax,
+    take_along_rows,
+    works_in_place,
+)
+
+# As on JAX: XLA (and TF's own kernels) fuse head-major scores gathered
+# `(batch, queries, keys, heads)` best.
+SCORE_LAYOUT = "head_major"
+LOGITS_LAYOUT = "bqkh"
+
+
+def take_columns(table, columns, heads_last=True):
+    return _heads_to(tf.gather(table, columns, axis=1), columns, heads_last)
+
+
+def recomputed_blocks(fn, blocks, tensors, constants, key):
+    """One `tf.custom_gradient` whose forward runs every block unrecorded and
+    whose gradient recomputes one block at a time under its own tape, adding
+    its gradients into one sum per input. Eagerly, a Python loop; in a graph
+    (`tf.function`, XLA), a `tf.while_loop` over the equal blocks (their
+    first row traced), so that one block's recomputation follows the
+    previous one's gradient.
+
+    Each block sends a whole-input gradient to every input (zeros outside its
+    rows), and the eager tape sums a tensor's pending gradients only once
+    they pass 128 MiB: one sum per input, made here, keeps that bounded. A
+    Python loop under XLA, unrolled, would schedule every block's
+    recomputation at once.
+    """
+    from keras_relattn._offsets import BlockRows, take_rows
+
+    size = blocks[0].stop - blocks[0].start
+    n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
+    names = list(tensors)
+
+    def run(rows, values):
+        return fn(rows, dict(zip(names, values)), constants)
+
+    def looped(step, state):
+        """`step(block's BlockRows, state)` over the equal blocks in one
+        `tf.while_loop` (a graph), or None where the blocks are a Python
+        loop (eagerly, or a single equal block)."""
+        if tf.executing_eagerly() or n_equal < 2:
+            return None
+
+        def body(i, state):
+            return i + 1, step(BlockRows(i * size, size), state)
+
+        return tf.while_loop(
+            lambda i, _: i < n_equal, body, (tf.constant(0), state),
+            maximum_iterations=n_equal,
+        )[1]
+
+    def each_block(step, state):
+        """`state = step(rows, state)` over the blocks in order."""
+        done = looped(step, state)
+        rest = blocks if done is None else blocks[n_equal:]
+        state = state if done is None else done
+        for rows in rest:
+            state = step(rows, state)
+        return state
+
+    def forward(held):
+        # Every float input is in the layer's compute dtype, as the output.
+        written = looped(
+            lambda rows, written: written.write(rows.start // size, run(rows, held)),
+            tf.TensorArray(held[0].dtype, size=n_equal),
+        )
+        if written is None:
+            return tf.concat([run(rows, held) for rows in blocks], axis=1)
+        stacked = tf.experimental.numpy.swapaxes(written.stack(), 0, 1)  # (b, blocks, rows, ...)
+        shape = tf.shape(stacked)
+        done = [tf.reshape(stacked, tf.concat([shape[:1], [n_equal * size], shape[3:]], 0))]
+        done += [run(rows, held) for rows in blocks[n_equal:]]
+        return done[0] if len(done) == 1 else tf.concat(done, axis=1)
+
+    @tf.custom_gradient
+    def blockwise(*values):
+        # Eagerly, the tape records what runs inside a custom gradient's
+        # forward (keeping every block's intermediates): inputs that stop
+        # the gradient leave nothing to record.
+        pooled = forward([tf.stop_gradient(t) for t in values])
+
+        def gradient(upstream):
+            def add(rows, sums):
+                with tf.GradientTape() as tape:
+                    tape.watch(values)
+                    block = run(rows, values)
+                grads = tape.gradient(
+                    block, values, output_gradients=take_rows(upstream, 1, rows),
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                return [a + b for a, b in zip(sums, grads)]
+
+            return each_block(add, [tf.zeros_like(t) for t in values])
+
+        return pooled, gradient
+
+    return blockwise(*tensors.values())

@@ -1,0 +1,246 @@
+"""The position terms: score against the table once, then gather.
+
+c2p(i, j) = sum_x q_i[x] . pos_k[idx(i, j, x), x] and p2c(i, j) = sum_x
+pos_q[idx(i, j, x), x] . k_j[x]. Scoring every query (key) against the whole
+table costs `n_positions` dot products per query (key) instead of one per
+(query, key) pair; the pair terms are then *gathered* from those scores.
+
+`PositionTerms` is the static description of one call's terms (hashable:
+what a compiled block is cached by); its tensors (the scores, the offsets'
+tensors, the no-position factor) live apart in a dict, made by
+`position_terms`. Three gathers, chosen once from the backend and the
+sizes:
+
+- `"along_rows"`: along each row of `(batch, heads, rows, P)` scores, straight into
+  the softmax's `(batch, heads, queries, keys)` layout (torch);
+- `"flat"`: one gather of flat score numbers `(batch * rows + row) *
+  n_positions + offset`, when they surely fit the index dtype (XLA's);
+- `"per_row"`: `take_along_axis` along each row of `(batch, rows, heads, P)`
+  scores, where flat numbers could pass 2**31 or sizes are unknown (a
+  trace): nothing can wrap.
+"""
+
+import dataclasses
+from typing import Any
+
+from keras import ops
+
+from keras_relattn import _backend, _checks, config
+from keras_relattn._offsets import FormedOffsets, PairOffsets, first_row, table_index, take_rows
+
+# Up to this many heads, "heads_minor" scores come from one plain matmul with
+# a block-diagonal weight (see `_row_scores`); beyond it, the H-fold extra
+# work of that matmul outweighs what it saves.
+BLOCK_DIAGONAL_MAX_HEADS = 4
+
+LAYOUTS = ("head_major", "heads_minor")
+OUTPUTS = ("bqkh", "bhqk")
+
+
+def flat_index_fits(*sizes):
+    """Whether `prod(sizes)` flat numbers surely stay below
+    `config.BlockSettings.flat_index_limit` (2**31: int32), decided from
+    sizes known as Python ints only. An unknown size (None, a TensorFlow
+    graph tensor, a JAX or torch symbolic dimension) is not proved to fit,
+    nor is any size a tracer would freeze (torch's `jit.trace`)."""
+    if _backend.get().sizes_are_frozen():
+        return False
+    total = 1
+    for size in sizes:  # a loop, not a generator: dynamo traces it without a break
+        if not isinstance(size, int):
+            return False
+        total *= size
+    return total < config.get_block_settings().flat_index_limit
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionTerms:
+    """What c2p + p2c are for one call, apart from their tensors."""
+
+    offsets: Any  # the offsets' form (`_offsets.PairOffsets`, ...)
+    n_positions: Any  # rows of the table (an int, or a traced size)
+    coords: int
+    heads: int
+    terms: tuple  # ("c2p", "p2c") or a part: the terms computed
+    gather: str  # "along_rows", "flat" or "per_row"
+    layout: str  # of the flat gather's scores: "head_major" or "heads_minor"
+    output: str  # "bqkh" or "bhqk"
+    index_dtype: str
+    batch: Any
+    n_queries: Any
+    n_keys: Any
+    has_position_factor: bool  # `no_position_mask`'s 0/1 factor in the tensors
+
+    @property
+    def heads_last(self):
+        return self.output == "bqkh"
+
+    def score_names(self):
+        """The names of the table scores among the tensors: what a block
+        differentiates."""
+        return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
+
+    def logits(self, tensors, rows=slice(None), in_place=False):
+        """c2p + p2c for the queries `rows`, in the `output` layout.
+
+        `in_place` (`_backend.works_in_place`): every term after the first
+        gathered into one spare buffer and added in place; the pairs without
+        position terms zeroed in place.
+        """
+        index = table_index(self.offsets.rows(tensors, rows), self.n_positions)
+        backend = _backend.get()
+        total = spare = None
+        for x in range(self.coords):
+            idx = index[..., x]
+            for term in self.terms:
+                scores = tensors[f"{term}{x}"]
+                if total is None:
+                    total = self._gather(scores, idx, term, rows)
+                elif in_place and self.gather == "along_rows":
+                    spare = self._gather(scores, idx, term, rows, out=spare)
+                    total = backend.add_in_place(total, spare)
+                else:
+                    total = total + self._gather(scores, idx, term, rows)
+        factor = (take_rows(tensors["position_factor"], 1, rows)
+                  if self.has_position_factor else None)
+        pairs = self.offsets.position_factor(tensors, rows)
+        if pairs is not None:
+            factor = pairs if factor is None else factor * pairs
+        if factor is not None:
+            factor = ops.expand_dims(factor, -1 if self.heads_last else 1)
+            total = backend.multiply_in_place(total, factor) if in_place else total * factor
+        return total
+
+    def _gather(self, scores, idx, term, rows, out=None):
+        if self.gather == "along_rows":  # (b, h, q, P) or (b, h, P, k) -> (b, h, q, k)
+            if term == "c2p":
+                scores = take_rows(scores, 2, rows)
+            return _backend.get().take_along_rows(scores, idx, 3 if term == "c2p" else 2, out)
+        if self.gather == "per_row":
+            if term == "c2p":  # rows are queries: (b, q, h, P) -> (b, q, h, k)
+                scores = take_rows(scores, 1, rows)
+                taken = ops.take_along_axis(scores, ops.expand_dims(idx, 2), axis=3)
+                return ops.transpose(taken, (0, 1, 3, 2) if self.heads_last else (0, 2, 1, 3))
+            # rows are keys: (b, k, h, P) -> (b, k, h, q)
+            by_key = ops.transpose(idx, (0, 2, 1))
+            taken = ops.take_along_axis(scores, ops.expand_dims(by_key, 2), axis=3)
+            return ops.transpose(taken, (0, 3, 1, 2) if self.heads_last else (0, 2, 3, 1))
+        # Flat score numbers: the base number of each (batch, query) or
+        # (batch, key), broadcast to the pairs (the index may have a batch
+        # of 1).
+        dtype = self.index_dtype
+        n_rows = ops.shape(idx)[1]
+        b = ops.arange(self.batch, dtype=dtype)[:, None, None]
+        if term == "c2p":
+            row = ops.arange(n_rows, dtype=dtype)[None, :, None] + first_row(rows)
+            base = (b * self.n_queries + row) * self.n_positions
+        else:
+            col = ops.arange(self.n_keys, dtype=dtype)[None, None, :]
+            base = (b * self.n_keys + col) * self.n_positions
+        flat = ops.broadcast_to(base, (self.batch, n_rows, self.n_keys)) + ops.cast(idx, dtype)
+        if self.layout == "head_major":
+            return _backend.get().take_columns(scores, flat, self.heads_last)
+        taken = ops.take(scores, flat, axis=0)
+        return taken if self.heads_last else ops.transpose(taken, (0, 3, 1, 2))
+
+
+def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None,
+                   layout=None, output=None, block_diagonal=None):
+    """The c2p + p2c terms of one call: `(PositionTerms, tensors)`, the table
+    scores made once, to be gathered per block of queries.
+
+    Args:
+        q: `(batch, queries, heads, head_size)`, scaled.
+        k: `(batch, keys, heads, head_size)`.
+        pos_q, pos_k: `(n_positions, coordinates, heads, chunk)` or None
+            (term not computed); `pos_q` scaled.
+        relative_positions: `(batch or 1, queries or 1, keys or 1,
+            coordinates)` integer offsets, any dtype, or `FormedOffsets`;
+            turned into table rows block by block.
+        no_position_mask: optional bool or 0/1 `(batch or 1, queries or 1,
+            keys or 1)`: True zeroes both terms of that pair.
+        layout: `"head_major"` or `"heads_minor"`, the flat gather's score layout;
+            by default the backend's.
+        output: `"bqkh"` or `"bhqk"`; by default the backend's.
+        block_diagonal: for `"heads_minor"`, force or forbid the block-diagonal
+            matmul; by default chosen from the number of heads.
+    """
+    backend = _backend.get()
+    table = pos_k if pos_k is not None else pos_q
+    n_positions = ops.shape(table)[0]
+    coords, heads = table.shape[1], table.shape[2]
+    layout = backend.SCORE_LAYOUT if layout is None else layout
+    output = backend.LOGITS_LAYOUT if output is None else output
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
+    batch, n_queries, n_keys = ops.shape(q)[0], ops.shape(q)[1], ops.shape(k)[1]
+    if isinstance(relative_positions, FormedOffsets):
+        form, tensors = relative_positions.form, dict(relative_positions.tensors)
+    else:  # sizes of 1 broadcast over queries and keys (as in edspdf)
+        form, tensors = PairOffsets(), {"offsets": ops.broadcast_to(
+            relative_positions,
+            (ops.shape(relative_positions)[0], n_queries, n_keys, coords),
+        )}
+    fits = flat_index_fits(batch, n_queries, n_positions) and (
+        flat_index_fits(batch, n_keys, n_positions)
+    )
+    if backend.GATHERS_ALONG_ROWS and output == "bhqk" and layout == "head_major":
+        gather, index_dtype = "along_rows", backend.INDEX_DTYPE
+    elif fits or backend.INDEX_DTYPE == "int64":
+        gather, index_dtype = "flat", "int32" if fits else "int64"
+    else:
+        gather, index_dtype = "per_row", backend.INDEX_DTYPE
+    if no_position_mask is not None:  # a 0/1 factor, (batch or 1, queries or 1, keys or 1)
+        tensors["position_factor"] = ops.cast(
+            ops.logical_not(_checks.as_bool(no_position_mask)), q.dtype)
+    terms = PositionTerms(
+        offsets=form, n_positions=n_positions, coords=coords, heads=heads,
+        terms=tuple(t for t, table in (("c2p", pos_k), ("p2c", pos_q)) if table is not None),
+        gather=gather, layout=layout, output=output, index_dtype=index_dtype,
+        batch=batch, n_queries=n_queries, n_keys=n_keys,
+        has_position_factor="position_factor" in tensors,
+    )
+    if block_diagonal is None:
+        block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
+    chunk = q.shape[-1] // coords
+    for x in range(coords):
+        part = slice(x * chunk, (x + 1) * chunk)
+        if pos_k is not None:
+            tensors[f"c2p{x}"] = _scores(terms, q[..., part], pos_k[:, x], "c2p", block_diagonal)
+        if pos_q is not None:
+            tensors[f"p2c{x}"] = _scores(terms, k[..., part], pos_q[:, x], "p2c", block_diagonal)
+    return terms, tensors
+
+
+def _scores(terms, x, table, term, block_diagonal):
+    """`x` `(batch, length, heads, chunk)` against `table` `(P, heads,
+    chunk)`, laid out for the gather."""
+    if terms.gather == "along_rows":
+        equation = "bqhd,phd->bhqp" if term == "c2p" else "bkhd,phd->bhpk"
+        return ops.einsum(equation, x, table)
+    if terms.gather == "per_row":  # (batch, length, heads, P)
+        return ops.einsum("blhd,phd->blhp", x, table)
+    rows = ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+    if terms.layout == "head_major":
+        scores = ops.einsum("rhd,phd->hrp", rows, table)
+        return ops.reshape(scores, (x.shape[2], -1))
+    return _row_scores(rows, table, block_diagonal)
+
+
+def _row_scores(x, table, block_diagonal):
+    """Scores of every row of `x` `(rows, heads, chunk)` against every table
+    position `(n_positions, heads, chunk)`: `(rows * n_positions, heads)`,
+    row `r * n_positions + p` holding the `heads` scores of `x[r]` against
+    position `p`, contiguous."""
+    n_rows, heads, chunk = ops.shape(x)[0], x.shape[1], x.shape[2]
+    if block_diagonal:
+        # One (rows, heads*chunk) @ (heads*chunk, positions*heads) matmul whose
+        # output is already in the gather's row layout.
+        eye = ops.eye(heads, dtype=table.dtype)
+        weight = ops.reshape(ops.einsum("phd,hg->hdpg", table, eye), (heads * chunk, -1))
+        scores = ops.matmul(ops.reshape(x, (n_rows, heads * chunk)), weight)
+    else:
+        scores = ops.einsum("rhd,phd->rph", x, table)
+    return ops.reshape(scores, (-1, heads))

@@ -1,0 +1,180 @@
+"""Each backend's fast path (`_backend.get()`) against the generic `keras.ops`
+version (`_backend.generic()`), which is what a backend without a fast path
+runs."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from helpers import BACKEND, to_numpy
+from keras_relattn import _backend, config
+from keras_relattn._position_terms import position_terms
+
+FAST, GENERIC = _backend.get(), _backend.reference()
+
+
+def tensor(a):
+    return ops.convert_to_tensor(a)
+
+
+def test_the_backend_module_is_chosen_once():
+    assert _backend.get() is FAST
+    assert FAST.__name__.endswith(BACKEND if BACKEND in ("jax", "tensorflow", "torch")
+                                  else "generic")
+    missing = [name for name in GENERIC.__all__ if not hasattr(FAST, name)]
+    assert not missing, missing
+
+
+def test_take_columns_equals_the_generic_gather(rng):
+    table = rng.normal(size=(3, 50)).astype("float32")
+    columns = rng.integers(0, 50, size=(2, 5, 7)).astype("int32")
+    for heads_last in (True, False):
+        fast = to_numpy(FAST.take_columns(tensor(table), tensor(columns), heads_last))
+        generic = to_numpy(GENERIC.take_columns(tensor(table), tensor(columns), heads_last))
+        np.testing.assert_array_equal(fast, generic)
+    np.testing.assert_array_equal(
+        to_numpy(FAST.take_columns(tensor(table), tensor(columns))),
+        np.moveaxis(table[:, columns], 0, -1))
+
+
+@pytest.mark.parametrize("axis", [2, 3])
+@pytest.mark.parametrize("index_batch", [1, 2])
+def test_take_along_rows_equals_the_generic_gather(axis, index_batch, rng):
+    # (batch, heads, queries, P) along P, or (batch, heads, P, keys) along P.
+    scores = rng.normal(size=(2, 3, 4, 6) if axis == 3 else (2, 3, 6, 5)).astype("float32")
+    index = rng.integers(0, 6, size=(index_batch, 4, 5)).astype(FAST.INDEX_DTYPE)
+    fast = to_numpy(FAST.take_along_rows(tensor(scores), tensor(index), axis))
+    generic = to_numpy(GENERIC.take_along_rows(tensor(scores), tensor(index), axis))
+    np.testing.assert_array_equal(fast, generic)
+    want = np.take_along_axis(scores, np.broadcast_to(index[:, None], (2, 3, 4, 5)), axis=axis)
+    np.testing.assert_array_equal(fast, want)
+
+
+def test_in_place_steps_equal_the_generic_ones(rng):
+    logits = rng.normal(size=(2, 3, 4, 5)).astype("float32")
+    attend = rng.random((2, 1, 4, 5)) > 0.3
+    attend[0, 0, 1] = False  # a fully masked row
+    want = to_numpy(GENERIC.masked_softmax_in_place(tensor(logits), tensor(attend), -10000.0))
+    got = to_numpy(FAST.masked_softmax_in_place(tensor(logits.copy()), tensor(attend), -10000.0))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got[0, :, 1], 1 / 5, atol=1e-6)  # uniform over the keys
+    a = rng.normal(size=(2, 3, 4, 7)).astype("float32")
+    b = rng.normal(size=(2, 3, 7, 5)).astype("float32")
+    for name, args in (("add_in_place", (logits,)), ("multiply_in_place", (logits,)),
+                       ("add_matmul_in_place", (a, b))):
+        want = to_numpy(getattr(GENERIC, name)(tensor(logits), *map(tensor, args)))
+        got = to_numpy(getattr(FAST, name)(tensor(logits.copy()), *map(tensor, args)))
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+def test_exact_gelu_and_layer_norm_equal_keras(rng):
+    x = rng.normal(size=(2, 3, 8)).astype("float32") * 3
+    np.testing.assert_allclose(
+        to_numpy(FAST.exact_gelu(tensor(x))),
+        to_numpy(keras.activations.gelu(tensor(x), approximate=False)), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(FAST.exact_gelu(tensor(x))),
+                               to_numpy(GENERIC.exact_gelu(tensor(x))), atol=1e-5)
+    norm = keras.layers.LayerNormalization(epsilon=1e-5)
+    norm.build((None, None, 8))
+    norm.gamma.assign(rng.normal(size=8).astype("float32"))
+    norm.beta.assign(rng.normal(size=8).astype("float32"))
+    fast = FAST.layer_norm(tensor(x), tensor(to_numpy(norm.gamma)), tensor(to_numpy(norm.beta)),
+                           1e-5, 8)
+    assert GENERIC.layer_norm(tensor(x), None, None, 1e-5, 8) is None  # Keras' own serves
+    if fast is not None:
+        np.testing.assert_allclose(to_numpy(fast), to_numpy(norm(x)), atol=1e-5)
+
+
+def gradient(function, xs):
+    """`function(*xs)` and the gradient of its sum w.r.t. `xs`, on any backend."""
+    if BACKEND == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(lambda *a: ops.sum(function(*a)),
+                                          argnums=tuple(range(len(xs))))(*xs)
+        return value, grads
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            value = ops.sum(function(*xs))
+        return value, tape.gradient(value, xs)
+    import torch
+
+    xs = [torch.as_tensor(x).clone().requires_grad_(True) for x in xs]
+    value = ops.sum(function(*xs))
+    return value, torch.autograd.grad(value, xs)
+
+
+def block_function(rows, tensors, constants):
+    """A block of rows of a small attention-like function of its tensors."""
+    from keras_relattn._offsets import take_rows
+
+    q = take_rows(tensors["q"], 1, rows)
+    weights = GENERIC.softmax(ops.einsum("bqd,bkd->bqk", q, tensors["k"]) * constants["scale"])
+    return ops.einsum("bqk,bkd->bqd", weights, tensors["k"])
+
+
+def test_recomputed_blocks_and_checkpoints_equal_plain_blocks(rng):
+    """The backend's loop of recomputed blocks (or a checkpoint per block
+    where it has none): the same output and gradients as blocks kept."""
+    q = tensor(rng.normal(size=(2, 7, 4)).astype("float32"))
+    k = tensor(rng.normal(size=(2, 5, 4)).astype("float32"))
+    constants = {"scale": tensor(np.float32(0.5))}
+    blocks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+
+    def plain(q, k):
+        return ops.concatenate([block_function(rows, {"q": q, "k": k}, constants)
+                                for rows in blocks], 1)
+
+    def recomputed(q, k):
+        tensors = {"q": q, "k": k}
+        done = FAST.recomputed_blocks(block_function, blocks, tensors, constants, "test")
+        if done is None:
+            done = ops.concatenate([FAST.checkpoint(block_function, rows, tensors, constants)
+                                    for rows in blocks], 1)
+        return done
+
+    value, grads = gradient(plain, [q, k])
+    again, regrads = gradient(recomputed, [q, k])
+    np.testing.assert_allclose(to_numpy(again), to_numpy(value), atol=1e-5)
+    for a, b in zip(regrads, grads):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["head_major", "heads_minor"])
+@pytest.mark.parametrize("output", ["bqkh", "bhqk"])
+@pytest.mark.parametrize("index_batch", [1, 2])
+@pytest.mark.parametrize("flat_limit", [None, 16], ids=["flat", "past the flat limit"])
+def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat_limit, rng):
+    """The score-then-gather terms against gathering table rows per pair,
+    whole and by blocks of queries, with each gather strategy."""
+    b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
+    q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
+    k = rng.normal(size=(b, nk, h, x * chunk)).astype("float32")
+    pos_q = rng.normal(size=(p, x, h, chunk)).astype("float32")
+    pos_k = rng.normal(size=(p, x, h, chunk)).astype("float32")
+    index = rng.integers(0, p, size=(index_batch, nq, nk, x)).astype("int32")
+    offsets = index - p // 2  # the table rows `index`
+    with config.block_settings(flat_index_limit=flat_limit):
+        terms, tensors = position_terms(
+            *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), layout=layout, output=output)
+    if flat_limit is not None:  # no flat int32 numbers past the limit
+        assert terms.gather != "flat" or terms.index_dtype == "int64"
+    got = to_numpy(terms.logits(tensors))
+    axis = 1 if output == "bqkh" else 2
+    by_blocks = np.concatenate([to_numpy(terms.logits(tensors, slice(0, 2))),
+                                to_numpy(terms.logits(tensors, slice(2, 3)))], axis=axis)
+    np.testing.assert_allclose(by_blocks, got, atol=1e-6)
+    qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)
+    want = np.zeros((b, nq, nk, h), "float64")
+    for c in range(x):
+        rows_k = pos_k[index[..., c], c]  # (b or 1, q, k, h, chunk)
+        rows_q = pos_q[index[..., c], c]
+        want = want + np.einsum("bqhd,bqkhd->bqkh", qx[:, :, :, c], rows_k)
+        want = want + np.einsum("bqkhd,bkhd->bqkh", rows_q, kx[:, :, :, c])
+    if output == "bhqk":
+        want = want.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
