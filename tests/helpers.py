@@ -52,12 +52,15 @@ def gradients(layer, loss_fn, inputs):
 
 
 def input_and_weight_gradients(layer, loss_fn, inputs, wrt=("content_queries",),
-                               compiled=False):
+                               compiled=False, torch_backend="aot_eager"):
     """Gradients of `loss_fn(layer(**inputs))` w.r.t. the inputs named in
     `wrt` (a dict by name) and each trainable weight (a list), as numpy
     arrays (zeros where the loss does not depend on it), on any backend.
     `compiled`: under `jax.jit`, `tf.function(jit_compile=True)` or
-    `torch.compile`; the other inputs stay NumPy constants of that call."""
+    `torch.compile` (with `torch_backend`: "aot_eager" traces as inductor does,
+    dynamo and AOT autograd, and runs the graph eagerly, seconds instead of a
+    minute of code generation; "inductor" for the real thing); the other
+    inputs stay NumPy constants of that call."""
     fixed = {k: v for k, v in inputs.items() if k not in wrt}
     xs = [keras.ops.convert_to_tensor(inputs[k]) for k in wrt]
     weights = layer.trainable_weights
@@ -96,7 +99,7 @@ def input_and_weight_gradients(layer, loss_fn, inputs, wrt=("content_queries",),
         def loss_of(*xs):
             return loss_fn(layer(**fixed, **dict(zip(wrt, xs))))
 
-        (torch.compile(loss_of) if compiled else loss_of)(*xs).backward()
+        (torch.compile(loss_of, backend=torch_backend) if compiled else loss_of)(*xs).backward()
         grads = [x.grad for x in xs] + [w.value.grad for w in weights]
     targets = xs + [w.value for w in weights]
     grads = [

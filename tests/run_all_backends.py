@@ -2,6 +2,11 @@
 
 Usage: python tests/run_all_backends.py [extra pytest arguments]
 Exits non-zero if any backend fails.
+
+Each run spreads its tests over the machine's cores (pytest-xdist, `-n auto`,
+unless the arguments choose). The JAX run compiles XLA code at its lowest
+optimization level: the tests compile hundreds of small programs once each,
+where compiling, not running, is the time (about 40% of the JAX run).
 """
 
 import os
@@ -10,13 +15,18 @@ import sys
 import time
 
 BACKENDS = ("tensorflow", "jax", "torch")
+JAX_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def main(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not any(a.startswith("-n") or a == "no:xdist" for a in argv):
+        argv = ["-n", "auto", *argv]
     failed = []
     for backend in BACKENDS:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        if backend == "jax":
+            env.setdefault("XLA_FLAGS", JAX_TEST_FLAGS)
         print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
         start = time.time()
         code = subprocess.call(

@@ -588,8 +588,9 @@ def test_random_configuration_gradients_match_edspdf_autograd(seed, return_logit
 
     compiled_runs = [False] + ([True] if BACKEND != "torch" or seed < 2 else [])
     for compiled in compiled_runs:
-        ours_inputs, ours_weights = input_and_weight_gradients(
-            layer, loss_fn, dict(inputs, return_logits=return_logits), wrt, compiled
+        ours_inputs, ours_weights = input_and_weight_gradients(  # seed 0: inductor itself
+            layer, loss_fn, dict(inputs, return_logits=return_logits), wrt, compiled,
+            torch_backend="inductor" if seed == 0 else "aot_eager",
         )
         for name in wrt:
             assert_gradients_close(ours_inputs[name], theirs_inputs[name], name)

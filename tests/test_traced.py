@@ -17,6 +17,8 @@ and the two answers must agree. Both run the same float32 arithmetic, so the
 tolerance is a float32 rounding bound, not a modelling one.
 """
 
+import argparse
+
 import keras
 import numpy as np
 import pytest
@@ -58,17 +60,12 @@ def roles_of(name, array, self_attention):
     return roles
 
 
-def attention_case(rng):
+def attention_configuration(rng):
     """A random `RelativeAttention` call: every mode, coordinate count,
     additional heads, mask shape, `no_position_mask`, `base_attn` with one
     head or all, positions broadcast over the batch or per token, and
-    `return_logits` both ways."""
+    `return_logits` both ways (drawn without building anything)."""
     size, n_heads, table, ctor, inputs = random_configuration(rng)
-    layer = RelativeAttention(size, n_heads, position_embedding=table,
-                              bias_initializer="random_normal", **ctor)
-    layer.build()
-    if layer.head_bias is not None:
-        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
     b, nq = inputs["content_queries"].shape[:2]
     nk = inputs["content_values"].shape[1]
     coords = ctor["n_coordinates"]
@@ -83,9 +80,18 @@ def attention_case(rng):
         inputs["query_positions"] = rng.integers(-9, 9, size=(position_batch, nq, coords))
         if inputs["content_keys"] is not None:
             inputs["key_positions"] = rng.integers(-9, 9, size=(position_batch, nk, coords))
-    self_attention = inputs["content_keys"] is None
     options = dict(return_logits=bool(rng.random() < 0.5))
-    return layer, inputs, options, self_attention
+    return size, n_heads, table, ctor, inputs, options
+
+
+def attention_case(rng):
+    size, n_heads, table, ctor, inputs, options = attention_configuration(rng)
+    layer = RelativeAttention(size, n_heads, position_embedding=table,
+                              bias_initializer="random_normal", **ctor)
+    layer.build()
+    if layer.head_bias is not None:
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
+    return layer, inputs, options, inputs["content_keys"] is None
 
 
 def transformer_case(rng):
@@ -223,7 +229,7 @@ CASES = {"attention": attention_case, "transformer": transformer_case, "box": bo
 # of the 40; `test_the_cases_cover_what_the_trace_can_freeze` checks it).
 SEEDS = {"attention": range(40), "transformer": range(6), "box": range(4)}
 if BACKEND == "torch":
-    SEEDS = {"attention": [2, 3, 5, 8], "transformer": [0], "box": [0]}
+    SEEDS = {"attention": [2, 15, 19, 26], "transformer": [0], "box": [0]}
 
 
 @pytest.mark.parametrize(
@@ -242,7 +248,9 @@ def test_the_cases_cover_what_the_trace_can_freeze():
     seen = set()
     for seed in SEEDS["attention"]:
         rng = np.random.default_rng([20261202, seed, 0])
-        layer, inputs, options, _ = attention_case(rng)
+        _, _, _, ctor, inputs, options = attention_configuration(rng)
+        layer = argparse.Namespace(mode=ctor["mode"], n_coordinates=ctor["n_coordinates"],
+                                   n_additional_heads=ctor["n_additional_heads"])
         seen.add(f"return_logits={options['return_logits']}")
         seen.update(layer.mode)
         seen.add(f"coordinates={layer.n_coordinates}")

@@ -57,8 +57,8 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     """A `lax.map` of `jax.checkpoint` over the equal blocks (their first row
     traced), the shorter last one checkpointed apart: a loop's iterations run
     one after the other, where a Python loop of checkpoints leaves XLA free
-    to schedule every block's recomputation at once (4.1 GiB of temporaries
-    at 8192 tokens under `jax.jit`). The loop is one `jax.jit`, cached by
+    to schedule every block's recomputation at once (docs/performance.md,
+    "Training at length"). The loop is one `jax.jit`, cached by
     `key` and the blocks, so an eager call compiles it once per shape."""
     size = blocks[0].stop - blocks[0].start
     n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)

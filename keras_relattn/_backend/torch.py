@@ -20,8 +20,8 @@ SCORE_LAYOUT = "head_major"
 # straight into the `(batch, heads, queries, keys)` logits the softmax reads.
 LOGITS_LAYOUT = "bhqk"
 # `torch.gather` along each row of `(b, h, q, P)` / `(b, h, P, k)` scores:
-# both come out contiguous in the softmax's layout, ~2.5x faster than
-# `index_select` on flat numbers plus strided adds.
+# both come out contiguous in the softmax's layout, with no strided add after
+# (docs/performance.md, "How it is computed").
 GATHERS_ALONG_ROWS = True
 
 
