@@ -21,7 +21,7 @@ from keras import ops
 
 from keras_relattn import _backend, _checks, config
 from keras_relattn._logits import MASKED_LOGIT, add_all, attend, seeded_dropout
-from keras_relattn._offsets import first_row, take_rows
+from keras_relattn._offsets import BlockRows, first_row, take_rows
 from keras_relattn._position_terms import PositionTerms
 
 
@@ -40,16 +40,18 @@ def block_elements():
     return _backend.get().default_block_elements() if chosen is None else chosen
 
 
-def query_blocks(q, k, n_heads):
+def query_blocks(q, k, n_heads, max_rows=None):
     """Slices of the queries to pool one after the other: one (all queries)
     unless the sizes are known and a whole `(batch, heads, queries, keys)`
-    tensor would pass `block_elements()`."""
+    tensor would pass `block_elements()`, or the queries pass `max_rows`."""
     sizes = _static_sizes(q, k)
     if sizes is None:
         return [slice(None)]
     batch, n_queries, n_keys = sizes
     per_query = max(1, batch * n_heads * n_keys)
     rows = max(1, block_elements() // per_query)
+    if max_rows is not None:  # the banded path: fused, no (rows, keys) tensor to bound
+        rows = max_rows if _backend.get().fuses_band() else min(rows, max_rows)
     if rows >= n_queries:
         return [slice(None)]
     return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
@@ -85,13 +87,135 @@ class BlockStep:
     n_extra: int
     masked: bool
     dropout_rate: float
+    band: Optional["Band"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Where the position terms vary, for token-index positions (`key -
+    query` offsets `r` of tokens numbered 0, 1, ...): every pair with `r <=
+    below` reads the table row of the left edge, every pair with `r >=
+    above` the row of the right edge. A block of queries needs gathers over
+    `width` keys only (`width < n_keys`); elsewhere its terms are a query's
+    score plus a key's score against an edge row (`edge_c2p` `(batch, heads,
+    queries, 2)`, `edge_p2c` `(batch, heads, 2, keys)`)."""
+
+    below: int
+    above: int
+    width: int
+
+
+def band_rows(n_positions, n_keys=None):
+    """Queries per block on the banded path: the band's gathers cost `rows +
+    n_positions` keys per query, the edge terms a pass over all keys per
+    block (the backend's `BAND_ROWS`, at least the table's size); None: a
+    table size not known here."""
+    if not isinstance(n_positions, int):
+        return None
+    chosen = config.get_block_settings().band_rows
+    if chosen is not None:
+        return chosen
+    rows = _backend.get().BAND_ROWS
+    if isinstance(n_keys, int):  # short inputs: a band narrower than their keys
+        rows = min(rows, max(64, n_keys // 4))
+    return max(rows, n_positions)
+
+
+def band_for(n_positions, block_rows, n_keys):
+    """The `Band` of edspdf's clamped table index for blocks of `block_rows`
+    queries over `n_keys` keys, or None where it would cover every key."""
+    half = n_positions // 2
+    below, above = -half, n_positions - 1 - half
+    width = block_rows + above - below - 2
+    if not all(isinstance(n, int) for n in (n_positions, block_rows, n_keys)):
+        return None
+    return Band(below, above, width) if 0 < width < n_keys else None
+
+
+def banded_positions(step, rows, tensors):
+    """c2p + p2c of the queries `rows` against every key `(batch, heads,
+    rows, keys)`: gathered over the keys of the band, a sum of edge scores
+    outside it (see `Band`)."""
+    band, terms = step.band, step.positions
+    n_keys = ops.shape(tensors["values"])[1]
+    first = first_row(rows)
+    if isinstance(rows, BlockRows):
+        n_rows = rows.size
+    else:
+        n_rows = terms.n_queries if rows.stop is None else rows.stop - rows.start
+    if isinstance(first, int):
+        start = min(max(first + band.below + 1, 0), n_keys - band.width)
+    else:  # traced (a loop's block)
+        start = ops.clip(first + (band.below + 1), 0, n_keys - band.width)
+    inside = terms.logits(tensors, rows, keys=BlockRows(start, band.width))
+    offsets = (ops.expand_dims(ops.arange(n_keys, dtype="int32"), 0)
+               - ops.expand_dims(ops.arange(n_rows, dtype="int32") + first, 1))
+    left, right = offsets <= band.below, offsets >= band.above  # (rows, keys)
+    outside = None
+    for term, scores in (("c2p", "edge_c2p"), ("p2c", "edge_p2c")):
+        if term not in terms.terms:
+            continue
+        if term == "c2p":  # a query's score: (batch, heads, rows, 1)
+            edge = take_rows(tensors[scores], 2, rows)
+            low, high = edge[..., :1], edge[..., 1:]
+        else:  # a key's score: (batch, heads, 1, keys)
+            edge = tensors[scores]
+            low, high = edge[:, :, :1], edge[:, :, 1:]
+        part = ops.where(left, low, ops.where(right, high, ops.zeros_like(low)))
+        outside = part if outside is None else outside + part
+    return _backend.get().place_keys(outside, ops.cast(inside, outside.dtype), start)
+
+
+def fused_band(step, rows, tensors, constants):
+    """A block of the banded path on the backend's fused attention kernel
+    (`attend_in_parts`): the far keys as a plain dot-product attention of
+    the queries plus an edge row of the position queries, shifted by each
+    query's score against an edge row of the position keys (and the head
+    bias); the band's logits built here. None where that does not apply: a
+    backend without the kernel, a traced block, no c2c term, dropout, or a
+    mask that is not one of keys."""
+    attend_mask = constants.get("attend")
+    if (not step.c2c or isinstance(rows, BlockRows) or step.dropout_rate
+            or not _backend.get().attends_in_parts()
+            or (attend_mask is not None and _checks.shape_of(attend_mask)[1:3] != (1, 1))):
+        return None
+    terms, band = step.positions, step.band
+    n_keys = terms.n_keys
+    first = first_row(rows)
+    last = terms.n_queries if rows.stop is None else rows.stop
+    start = min(max(first + band.below + 1, 0), n_keys)
+    stop = min(max(last - 1 + band.above, start), n_keys)
+    q, k = take_rows(tensors["c2c_q"], 1, rows), tensors["c2c_k"]
+    band_positions = terms.logits({**tensors, **constants}, rows, keys=slice(start, stop))
+    bias = 0.0
+    if step.n_extra:  # the head bias, (heads, 1, 1)
+        band_positions = band_positions + tensors["extra0"]
+        bias = ops.reshape(tensors["extra0"], (1, -1, 1))
+    queries, shifts = [], []
+    for edge in (0, 1):
+        queries.append(q + tensors["edge_qp"][edge] if "p2c" in terms.terms else q)
+        shift = take_rows(tensors["edge_c2p"], 2, rows)[..., edge] if "c2p" in terms.terms \
+            else ops.zeros_like(ops.transpose(q[..., 0], (0, 2, 1)))
+        shifts.append(shift + bias)
+    key_mask = None
+    if attend_mask is not None:
+        batch = ops.shape(q)[0]
+        key_mask = ops.broadcast_to(attend_mask, (batch, 1, 1, n_keys))[:, 0, 0]
+    return _backend.get().attend_in_parts(queries, shifts, k, tensors["values"], q,
+                                          band_positions, (start, stop), key_mask)
 
 
 def run_block(step, rows, tensors, constants, dropout=None, in_place=False):
     """One block of queries (`rows`): its logits, then the attention step
     (`_logits.attend`): `(batch, rows, heads, dv)`."""
     logits = None
-    if step.positions is not None:
+    if step.band is not None and dropout is None:
+        fused = fused_band(step, rows, tensors, constants)
+        if fused is not None:
+            return fused
+    if step.band is not None:
+        logits = banded_positions(step, rows, {**tensors, **constants})
+    elif step.positions is not None:
         logits = step.positions.logits({**tensors, **constants}, rows, in_place)
     if step.c2c:
         q, k = take_rows(tensors["c2c_q"], 1, rows), tensors["c2c_k"]
@@ -132,6 +256,8 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
     if len(blocks) == 1:
         return run_block(step, blocks[0], tensors, constants, dropout, in_place)
     block = _BlockFunction(step)
+    if step.band is not None and backend.fuses_band():
+        recompute = False  # a fused block keeps no (rows, keys) tensor for its backward
     if recompute and not in_place:
         done = backend.recomputed_blocks(block, blocks, tensors, constants, step)
         if done is not None:

@@ -170,6 +170,23 @@ def attention_arguments(
     )
 
 
+def sequence_positions(value, table_shape, n_coordinates):
+    """`sequence_positions`, checked against the table and coordinates."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`sequence_positions` must be a bool. Received: sequence_positions={value!r}")
+    if value and table_shape is None:
+        raise ValueError(
+            "`sequence_positions=True` forms token-index positions for the position "
+            "terms, but the layer has no position table: pass `position_embedding` "
+            "(or `position_embedding_shape`).")
+    if value and n_coordinates != 1:
+        raise ValueError(
+            "`sequence_positions=True` numbers the tokens of a sequence: one "
+            f"coordinate. Received: n_coordinates={n_coordinates}")
+    return bool(value)
+
+
 def shape_of(x):
     """Static shape as a tuple of ints, None for every dimension not known as
     an int (unknown, or symbolic as under `jax.export` or `torch.export`)."""
@@ -353,6 +370,13 @@ def call_inputs(
             "(n_positions, position_size)",
         )
     given = "relative_positions"
+    if layer.sequence_positions and (
+            relative_positions is not None or query_positions is not None
+            or key_positions is not None):
+        raise ValueError(
+            "This layer was built with `sequence_positions=True`: it forms the "
+            "token-index positions itself, so pass no `relative_positions`, "
+            "`query_positions` or `key_positions`.")
     if query_positions is not None or key_positions is not None:
         if relative_positions is not None:
             raise ValueError(
@@ -406,7 +430,7 @@ def call_inputs(
                 "n_coordinates)",
                 broadcast=(0,),
             )
-    elif "c2c" not in layer.mode:
+    elif "c2c" not in layer.mode and not layer.sequence_positions:
         raise ValueError(
             f"`mode={layer.mode}` needs `relative_positions` (or "
             "`query_positions` and `key_positions`): without them no "

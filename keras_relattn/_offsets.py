@@ -91,8 +91,10 @@ class PairOffsets:
     """The offsets as given: `tensors["offsets"]`, `(batch or 1, queries,
     keys, coordinates)`."""
 
-    def rows(self, tensors, rows):
-        return take_rows(tensors["offsets"], 1, rows)
+    def rows(self, tensors, rows, keys=slice(None)):
+        """`(batch or 1, rows, keys, coordinates)` offsets of the queries
+        `rows` to the keys `keys` (a span of them, or all)."""
+        return take_rows(take_rows(tensors["offsets"], 1, rows), 2, keys)
 
     def position_factor(self, tensors, rows):
         """A 0/1 factor on the position terms of these rows, broadcastable
@@ -108,11 +110,12 @@ class TokenOffsets:
     wrapping int32 arithmetic, exact whenever the offset fits int32;
     `table_index` then clamps it to the table."""
 
-    def rows(self, tensors, rows):
+    def rows(self, tensors, rows, keys=slice(None)):
         # `expand_dims`, not `x[:, None]`: LiteRT's converter makes that
         # index a `FlexStridedSlice`, which its builtin interpreter lacks.
         query = take_rows(tensors["query_positions"], 1, rows)
-        return ops.expand_dims(tensors["key_positions"], 1) - ops.expand_dims(query, 2)
+        key = take_rows(tensors["key_positions"], 1, keys)
+        return ops.expand_dims(key, 1) - ops.expand_dims(query, 2)
 
     def position_factor(self, tensors, rows):
         return None
@@ -131,7 +134,7 @@ class BoxOffsets:
 
     scale: int
 
-    def rows(self, tensors, rows):
+    def rows(self, tensors, rows, keys=slice(None)):
         boxes = [tensors[name] for name in BOX_COLUMNS]
         return box_pair_offsets(  # `expand_dims`: see `TokenOffsets.rows`
             [ops.expand_dims(take_rows(c, 1, rows), 2) for c in boxes],

@@ -80,14 +80,15 @@ class PositionTerms:
         differentiates."""
         return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
 
-    def logits(self, tensors, rows=slice(None), in_place=False):
-        """c2p + p2c for the queries `rows`, in the `output` layout.
+    def logits(self, tensors, rows=slice(None), in_place=False, keys=slice(None)):
+        """c2p + p2c for the queries `rows` and the keys `keys` (a span of
+        them, or all), in the `output` layout.
 
         `in_place` (`_backend.works_in_place`): every term after the first
         gathered into one spare buffer and added in place; the pairs without
         position terms zeroed in place.
         """
-        index = table_index(self.offsets.rows(tensors, rows), self.n_positions)
+        index = table_index(self.offsets.rows(tensors, rows, keys), self.n_positions)
         backend = _backend.get()
         total = spare = None
         for x in range(self.coords):
@@ -95,13 +96,13 @@ class PositionTerms:
             for term in self.terms:
                 scores = tensors[f"{term}{x}"]
                 if total is None:
-                    total = self._gather(scores, idx, term, rows)
+                    total = self._gather(scores, idx, term, rows, keys)
                 elif in_place and self.gather == "along_rows":
-                    spare = self._gather(scores, idx, term, rows, out=spare)
+                    spare = self._gather(scores, idx, term, rows, keys, out=spare)
                     total = backend.add_in_place(total, spare)
                 else:
-                    total = total + self._gather(scores, idx, term, rows)
-        factor = (take_rows(tensors["position_factor"], 1, rows)
+                    total = total + self._gather(scores, idx, term, rows, keys)
+        factor = (take_rows(take_rows(tensors["position_factor"], 1, rows), 2, keys)
                   if self.has_position_factor else None)
         pairs = self.offsets.position_factor(tensors, rows)
         if pairs is not None:
@@ -111,10 +112,12 @@ class PositionTerms:
             total = backend.multiply_in_place(total, factor) if in_place else total * factor
         return total
 
-    def _gather(self, scores, idx, term, rows, out=None):
+    def _gather(self, scores, idx, term, rows, keys, out=None):
         if self.gather == "along_rows":  # (b, h, q, P) or (b, h, P, k) -> (b, h, q, k)
             if term == "c2p":
                 scores = take_rows(scores, 2, rows)
+            else:
+                scores = take_rows(scores, 3, keys)
             return _backend.get().take_along_rows(scores, idx, 3 if term == "c2p" else 2, out)
         if self.gather == "per_row":
             if term == "c2p":  # rows are queries: (b, q, h, P) -> (b, q, h, k)
@@ -122,6 +125,7 @@ class PositionTerms:
                 taken = ops.take_along_axis(scores, ops.expand_dims(idx, 2), axis=3)
                 return ops.transpose(taken, (0, 1, 3, 2) if self.heads_last else (0, 2, 1, 3))
             # rows are keys: (b, k, h, P) -> (b, k, h, q)
+            scores = take_rows(scores, 1, keys)
             by_key = ops.transpose(idx, (0, 2, 1))
             taken = ops.take_along_axis(scores, ops.expand_dims(by_key, 2), axis=3)
             return ops.transpose(taken, (0, 3, 1, 2) if self.heads_last else (0, 2, 3, 1))
@@ -129,15 +133,15 @@ class PositionTerms:
         # (batch, key), broadcast to the pairs (the index may have a batch
         # of 1).
         dtype = self.index_dtype
-        n_rows = ops.shape(idx)[1]
+        n_rows, n_cols = ops.shape(idx)[1], ops.shape(idx)[2]
         b = ops.arange(self.batch, dtype=dtype)[:, None, None]
         if term == "c2p":
             row = ops.arange(n_rows, dtype=dtype)[None, :, None] + first_row(rows)
             base = (b * self.n_queries + row) * self.n_positions
         else:
-            col = ops.arange(self.n_keys, dtype=dtype)[None, None, :]
+            col = ops.arange(n_cols, dtype=dtype)[None, None, :] + first_row(keys)
             base = (b * self.n_keys + col) * self.n_positions
-        flat = ops.broadcast_to(base, (self.batch, n_rows, self.n_keys)) + ops.cast(idx, dtype)
+        flat = ops.broadcast_to(base, (self.batch, n_rows, n_cols)) + ops.cast(idx, dtype)
         if self.layout == "head_major":
             return _backend.get().take_columns(scores, flat, self.heads_last)
         taken = ops.take(scores, flat, axis=0)

@@ -46,22 +46,29 @@ class BlockSettings:
             per (row, position) while their count stays below this (the
             int32 range, 2**31); beyond it, or where sizes are not known,
             a gather along each row, whose numbers cannot wrap.
+        band_rows: queries per block on the banded path (`sequence_positions`),
+            or None for the backend's default (at least the table's size):
+            its band of keys is about `band_rows + n_positions` wide.
     """
 
     block_elements: Optional[int] = None
     recompute_elements: int = 2**23
     flat_index_limit: int = 2**31
+    band_rows: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
     """What one pooled call did: its `n_queries` (None where a trace does
     not know them) in `n_blocks` blocks (1: all at once), each recomputed in
-    the backward pass if `recomputed`."""
+    the backward pass if `recomputed`; with `sequence_positions`, the width
+    of the band of keys where the position terms were gathered (None: every
+    key)."""
 
     n_queries: Optional[int]
     n_blocks: int
     recomputed: bool
+    band_width: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -81,7 +88,8 @@ def get_block_settings():
 
 
 @contextlib.contextmanager
-def block_settings(block_elements=None, recompute_elements=None, flat_index_limit=None):
+def block_settings(block_elements=None, recompute_elements=None, flat_index_limit=None,
+                   band_rows=None):
     """Use other block settings inside a `with` block (the others keep theirs).
 
     Args:
@@ -89,6 +97,7 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
         recompute_elements (int | None): see `BlockSettings`; 0 recomputes
             every split input.
         flat_index_limit (int | None): see `BlockSettings`.
+        band_rows (int | None): see `BlockSettings`.
 
     Yields:
         A `BlockLog` whose `plans` list each pooled call made inside.
@@ -101,12 +110,13 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
         >>> with config.block_settings(block_elements=2 * 6 * 2) as log:  # 2 queries a block
         ...     pooled = layer(x, x, x, return_logits=False)
         >>> log.plans
-        [BlockPlan(n_queries=6, n_blocks=3, recomputed=False)]
+        [BlockPlan(n_queries=6, n_blocks=3, recomputed=False, band_width=None)]
     """
     changes = {}
     for name, value, low in (("block_elements", block_elements, 1),
                              ("recompute_elements", recompute_elements, 0),
-                             ("flat_index_limit", flat_index_limit, 1)):
+                             ("flat_index_limit", flat_index_limit, 1),
+                             ("band_rows", band_rows, 1)):
         if value is not None:
             value = (_checks.positive_int(name, value) if low
                      else _checks.non_negative_int(name, value))

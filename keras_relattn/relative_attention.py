@@ -107,6 +107,13 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         bias_constraint: constraint of the projections' biases and of the
             head bias.
         seed (int | None): seed of the dropout.
+        sequence_positions (bool): the positions are each token's index (text):
+            the layer forms the offsets `key index - query index` itself, and
+            takes no positions input. Then `return_logits=False` computes the
+            position terms only where they vary, a band of keys around each
+            block of queries (outside it, every pair reads an edge row of the
+            clamped table): see "Performance". Needs a table and
+            `n_coordinates=1`.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -203,6 +210,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        sequence_positions=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -236,6 +244,8 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
+        self.sequence_positions = _checks.sequence_positions(
+            sequence_positions, self.position_embedding_shape, self.n_coordinates)
         self.supports_masking = True
         # `call` converts its inputs itself (`_convert_input`): 64-bit offsets
         # must be clamped before a backend without int64 (JAX) narrows them.
@@ -279,7 +289,10 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             return self._empty_outputs(queries, keys, values, return_logits)
         attend_mask = self._combine_masks(inputs["mask"], key_mask, content_values_mask)
         offsets = inputs["relative_positions"]
-        if inputs["query_positions"] is not None:  # offsets formed block by block
+        if self.sequence_positions:  # token indices: the offsets formed block by block
+            offsets = _offsets.token_offsets(*(ops.arange(ops.shape(x)[1], dtype="int32")[
+                None, :, None] for x in (queries, keys)))
+        elif inputs["query_positions"] is not None:  # offsets formed block by block
             offsets = _offsets.token_offsets(inputs["query_positions"], inputs["key_positions"])
         use_positions = offsets is not None and self._has_position_terms
         scale = self._logit_scale(use_positions)
@@ -386,9 +399,13 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
     def _pooled_only(self, q, k, values, position, base_attn, attend_mask, training):
         """The pooled output alone (`return_logits=False`): the pooling heads
         only, in `(batch, heads, queries, keys)`, through `_blockwise.pooled`
-        (blocks of queries for long inputs, recomputed in training)."""
+        (blocks of queries for long inputs, recomputed in training; with
+        `sequence_positions`, the banded path where it applies)."""
         first = self.n_additional_heads
         q, k = q[:, :, first:], k[:, :, first:]
+        dropout_in_training = bool(training) and self._dropout_layer is not None
+        banded = (position is not None and self.sequence_positions and position[2] is None
+                  and base_attn is None and not dropout_in_training)
         tensors = {"values": self.value_projection(self._dropout(values, training))}
         constants = {} if attend_mask is None else {"attend": attend_mask}
         extra = []  # terms broadcastable to (batch, heads, queries, keys)
@@ -399,14 +416,14 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             tensors["c2c_q"], tensors["c2c_k"] = q, k
         if self.use_head_bias:
             bias = ops.cast(self.head_bias[first:], self.compute_dtype)
-            if "c2c" in self.mode:  # in the c2c matmul (q . k + bias . 1): one pass less
+            if "c2c" in self.mode and not banded:  # in the c2c matmul: one pass less
                 tensors["c2c_q"] = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]],
                                                    -1)
                 tensors["c2c_k"] = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
             else:
                 extra.append(bias[:, None, None])
         tensors.update((f"extra{i}", term) for i, term in enumerate(extra))
-        terms = None
+        terms = band = None
         if position is not None:  # the table scores, once for every block
             tables, offsets, no_position_mask = position
             pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
@@ -415,21 +432,44 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             scores = terms.score_names()
             tensors.update((name, found[name]) for name in scores)
             constants.update((name, t) for name, t in found.items() if name not in scores)
-        blocks = _blockwise.query_blocks(q, k, self.n_heads)
+        rows = _blockwise.band_rows(terms.n_positions, terms.n_keys) if banded else None
+        blocks = _blockwise.query_blocks(q, k, self.n_heads, rows)
         recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
-        config._record(config.BlockPlan(_checks.shape_of(q)[1], len(blocks), recompute))
+        if banded:
+            band = self._band(terms, q, k, pos_q, pos_k, blocks, tensors)
         rate, dropout = 0.0, None
-        if training and self._dropout_layer is not None:
+        if dropout_in_training:
             if len(blocks) > 1:  # one draw per call, each block's mask a function of it
                 rate, constants["seed"] = self.dropout_p, _blockwise.draw_seed(
                     self._dropout_layer.seed_generator)
             else:
                 dropout = lambda weights: self._dropout(weights, training)  # noqa: E731
+        config._record(config.BlockPlan(_checks.shape_of(q)[1], len(blocks), recompute,
+                                        None if band is None else band.width))
         step = _blockwise.BlockStep(c2c="c2c" in self.mode, positions=terms,
                                     n_extra=len(extra), masked=attend_mask is not None,
-                                    dropout_rate=rate)
+                                    dropout_rate=rate, band=band)
         pooled = _blockwise.pooled(step, tensors, constants, blocks, recompute, dropout)
         return self._merge_heads(pooled)
+
+    def _band(self, terms, q, k, pos_q, pos_k, blocks, tensors):
+        """The `_blockwise.Band` of token-index positions (None where it would
+        cover every key), and its edge scores added to `tensors`: each
+        query's and key's score against the table's first and last rows."""
+        rows = blocks[0].stop if blocks[0].stop is not None else terms.n_queries
+        band = _blockwise.band_for(terms.n_positions, rows - (blocks[0].start or 0),
+                                   terms.n_keys)
+        if band is None:
+            return None
+        edges = (0, terms.n_positions - 1)
+        if pos_k is not None:  # (batch, heads, queries, 2)
+            table = ops.stack([pos_k[e, 0] for e in edges], 0)
+            tensors["edge_c2p"] = ops.einsum("bqhd,ehd->bhqe", q, table)
+        if pos_q is not None:  # (batch, heads, 2, keys), and the rows (2, heads, d)
+            table = ops.stack([pos_q[e, 0] for e in edges], 0)
+            tensors["edge_p2c"] = ops.einsum("ehd,bkhd->bhek", table, k)
+            tensors["edge_qp"] = table
+        return band
 
     def _pooling_heads(self, base):
         """`base_attn` `(batch, queries, keys, heads or 1)` for the pooling
@@ -585,6 +625,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
                     self.bias_constraint
                 ),
                 "seed": self.seed,
+                "sequence_positions": self.sequence_positions,
             }
         )
         return config

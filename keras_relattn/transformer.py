@@ -105,11 +105,14 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         attention_mode: terms of the attention, see `RelativeAttention`.
         position_embedding: optional `(n_positions, position_size)` array, the
             attention's own table.
-        n_coordinates (int): coordinates of a relative position (edspdf's
-            layer always uses 2).
+        n_coordinates (int): coordinates of a relative position; by default 2
+            (edspdf's layer always uses 2), or 1 with `sequence_positions`.
         position_embedding_shape: optional, as in `RelativeAttention`; use
             `(None, position_size)` to pass a shared table at call time.
         position_embedding_trainable (bool): whether an owned table trains.
+        sequence_positions (bool): the positions are each token's index (text,
+            `n_coordinates=1`): the attention forms them itself, and the
+            stack takes no positions input (see `RelativeAttention`).
         layer_norm_epsilon (float): default 1e-5 as `torch.nn.LayerNorm`.
         **kwargs: other `keras.layers.Layer` arguments.
 
@@ -160,11 +163,12 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         init_resweight=0.0,
         attention_mode=("c2c", "c2p", "p2c"),
         position_embedding=None,
-        n_coordinates=2,
+        n_coordinates=None,
         position_embedding_shape=None,
         position_embedding_trainable=False,
         layer_norm_epsilon=1e-5,
         seed=None,
+        sequence_positions=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -189,10 +193,12 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
             position_embedding_shape=position_embedding_shape,
             position_embedding_trainable=position_embedding_trainable,
             dropout_p=dropout_p,
-            n_coordinates=n_coordinates,
+            n_coordinates=(1 if sequence_positions else 2) if n_coordinates is None
+            else n_coordinates,
             mode=attention_mode,
             do_pooling=True,
             seed=seed,
+            sequence_positions=sequence_positions,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -297,6 +303,7 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
             position_embedding_trainable=attention.position_embedding_trainable,
             layer_norm_epsilon=self.layer_norm_epsilon,
             seed=self.seed,
+            sequence_positions=attention.sequence_positions,
         )
         return config
 

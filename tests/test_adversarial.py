@@ -382,7 +382,13 @@ def random_configuration(rng):
     return size, n_heads, table, ctor, inputs
 
 
-@pytest.mark.parametrize("seed", range(24))
+# Each seed is a configuration; JAX compiles every op afresh for each one (seconds a
+# seed), so it runs every other seed of the same sequence: still every mode and
+# coordinate count (`test_fuzz_configurations_cover_every_mode_and_coordinate_count`).
+FUZZ_SEEDS = range(0, 24, 2) if BACKEND == "jax" else range(24)
+
+
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
 def test_random_configurations_match_edspdf(seed):
     rng = np.random.default_rng([20261128, seed])
     size, n_heads, table, ctor, inputs = random_configuration(rng)
@@ -417,7 +423,7 @@ def compiled_call(layer, inputs):
 def test_fuzz_configurations_cover_every_mode_and_coordinate_count():
     """The fuzz above is only worth its seeds if they reach every case."""
     seen_modes, seen_coords = set(), set()
-    for seed in range(24):
+    for seed in FUZZ_SEEDS:
         _, _, table, ctor, inputs = random_configuration(np.random.default_rng([20261128, seed]))
         seen_coords.add(ctor["n_coordinates"])
         if table is not None and inputs["relative_positions"] is not None:
@@ -480,7 +486,7 @@ def compiled_positional_call(layer, inputs, rng):
     return layer(*arguments(tensors))
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(0, 12, 2) if BACKEND == "jax" else range(12))
 def test_random_configurations_called_by_position_with_mixed_types(seed):
     """`layer(q, k, None, None, positions)` with NumPy `q`, `k` and a tensor
     `positions` raised "multiple values for argument 'mask'" (Keras fills
@@ -560,7 +566,7 @@ def assert_gradients_close(ours, theirs, name):
 
 
 @pytest.mark.parametrize("return_logits", [True, False], ids=["full", "pooled_only"])
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(6) if BACKEND == "jax" else range(10))
 def test_random_configuration_gradients_match_edspdf_autograd(seed, return_logits):
     """Every parameter (by its edspdf names, the table when trainable) and
     every float input, eager and compiled (torch.compile on two seeds: each

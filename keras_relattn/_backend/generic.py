@@ -26,6 +26,10 @@ LOGITS_LAYOUT = "bhqk"
 # Whether scores `(batch, heads, rows, P)` are best gathered along each row
 # (`take_along_rows`) rather than by flat numbers.
 GATHERS_ALONG_ROWS = False
+# The banded path (`sequence_positions`): queries per block (the band's
+# gathers cost `rows + n_positions` keys a query, the terms outside it a pass
+# over every key a block).
+BAND_ROWS = 64
 
 
 def default_block_elements():
@@ -149,6 +153,77 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     tensors): backends that compile the loop cache it by `key`.
     """
     return None
+
+
+def place_keys(outside, inside, start):
+    """`outside` `(..., keys)` with `inside` `(..., width)` written over the
+    keys from `start` on (`start + width <= keys`): a traced `start` (a
+    loop's block) with `slice_update`, a Python int by concatenation."""
+    if isinstance(start, int):
+        width = inside.shape[-1]
+        return ops.concatenate([outside[..., :start], inside, outside[..., start + width:]], -1)
+    return ops.slice_update(outside, (0,) * (len(outside.shape) - 1) + (start,), inside)
+
+
+def fuses_band():
+    """Whether the banded path's far keys run on a fused kernel
+    (`attend_in_parts`), which holds no `(rows, keys)` tensor, forward or
+    backward: its blocks need no bound on their size, nor recomputing."""
+    return False
+
+
+def attends_in_parts():
+    """Whether the banded path's blocks of known rows attend in parts
+    (`attend_in_parts`) rather than building their logits whole."""
+    return True
+
+
+def attend_in_parts(queries, constants, keys, values, band_queries, band_positions, band_keys,
+                    key_mask):
+    """The attention of a block of queries whose keys split in three parts:
+    the keys before the band and after it, where the logits are `queries[p]
+    . k_j + constants[p]_i` (a plain dot product plus a per-query constant),
+    and the band, whose logits are `band_queries . k_j + band_positions`.
+    Each part's masked logits (*replaced* by -10000, edspdf's rule) and
+    float32 log-sum-exp; the parts merged by them, which is the softmax over
+    every key. Here in `keras.ops` (autodiff differentiates it); torch's
+    runs the far parts on its flash kernel.
+
+    Args:
+        queries: `(left, right)` `(batch, rows, heads, d)` scaled queries.
+        constants: `(left, right)` `(batch, heads, rows)`.
+        keys: `(batch, keys, heads, d)`; values `(batch, keys, heads, dv)`.
+        band_queries: `(batch, rows, heads, d)`, for the keys `band_keys =
+            (start, stop)` (Python ints), with `band_positions` `(batch, heads,
+            rows, band keys)`.
+        key_mask: `(batch, keys)` bool (True: attend) or None.
+
+    Returns:
+        `(batch, rows, heads, dv)` in the values' dtype, or None where this
+        backend builds the block's logits whole instead.
+    """
+    start, stop = band_keys
+    n_keys = keys.shape[1]
+    parts = [(band_queries, band_positions, start, stop)]
+    for q, c, first, last in ((queries[0], constants[0], 0, start),
+                              (queries[1], constants[1], stop, n_keys)):
+        if last > first:
+            parts.append((q, ops.expand_dims(c, -1), first, last))
+    logits, lses = [], []
+    for q, added, first, last in parts:
+        part = ops.einsum("bqhd,bkhd->bhqk", q, keys[:, first:last]) + added
+        part = ops.cast(part, "float32")
+        if key_mask is not None:
+            part = ops.where(key_mask[:, None, None, first:last], part, -10000.0)
+        logits.append(part)
+        lses.append(ops.logsumexp(part, axis=-1))
+    lse = ops.expand_dims(ops.logsumexp(ops.stack(lses), axis=0), -1)
+    pooled = None
+    for part, (_, _, first, last) in zip(logits, parts):
+        weights = ops.cast(ops.exp(part - lse), values.dtype)
+        term = ops.einsum("bhqk,bkhd->bqhd", weights, values[:, first:last])
+        pooled = term if pooled is None else pooled + term
+    return pooled
 
 
 def is_compiling():

@@ -8,9 +8,12 @@ from jax import lax
 from keras import ops
 
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
+    place_keys,
     GATHERS_ALONG_ROWS,
     INDEX_DTYPE,
     add_in_place,
+    attend_in_parts,
+    fuses_band,
     add_matmul_in_place,
     default_block_elements,
     is_compiling,
@@ -28,6 +31,14 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
 # transposed inside the gather's fusion.
 SCORE_LAYOUT = "head_major"
 LOGITS_LAYOUT = "bqkh"
+# The banded path: XLA fuses the terms outside the band into the logits it
+# builds whole (the loop of recomputed blocks traces their first row), so
+# short blocks, a narrow band.
+BAND_ROWS = 64
+
+
+def attends_in_parts():
+    return False
 
 
 def take_columns(table, columns, heads_last=True):

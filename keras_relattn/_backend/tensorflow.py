@@ -4,11 +4,15 @@ graph)."""
 
 import tensorflow as tf
 
+from keras_relattn._backend import generic
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     GATHERS_ALONG_ROWS,
     INDEX_DTYPE,
     _heads_to,
     add_in_place,
+    attend_in_parts,
+    attends_in_parts,
+    fuses_band,
     add_matmul_in_place,
     checkpoint,
     default_block_elements,
@@ -27,10 +31,26 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
 # `(batch, queries, keys, heads)` best.
 SCORE_LAYOUT = "head_major"
 LOGITS_LAYOUT = "bqkh"
+# The banded path in parts (`attend_in_parts`): each op a kernel call
+# eagerly, so tall blocks, few of them.
+BAND_ROWS = 512
 
 
 def take_columns(table, columns, heads_last=True):
     return _heads_to(tf.gather(table, columns, axis=1), columns, heads_last)
+
+
+def place_keys(outside, inside, start):
+    """TensorFlow has no gradient for `XlaDynamicUpdateSlice`: a traced
+    `start` pads `inside` to every key, rolls it there (`start + width <=
+    keys`: nothing wraps) and selects it over `outside`."""
+    if isinstance(start, int):
+        return generic.place_keys(outside, inside, start)
+    n_keys, width = outside.shape[-1], inside.shape[-1]
+    padding = [[0, 0]] * (len(inside.shape) - 1) + [[0, n_keys - width]]
+    rolled = tf.roll(tf.pad(inside, padding), start, axis=-1)
+    key = tf.range(n_keys)
+    return tf.where((key >= start) & (key < start + width), rolled, outside)
 
 
 def recomputed_blocks(fn, blocks, tensors, constants, key):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
+    place_keys,
     _heads_to,
     exact_gelu,
     softmax,
@@ -23,6 +24,17 @@ LOGITS_LAYOUT = "bhqk"
 # both come out contiguous in the softmax's layout, with no strided add after
 # (docs/performance.md, "How it is computed").
 GATHERS_ALONG_ROWS = True
+# The far keys on the flash kernel: blocks of 256 queries (the band's explicit
+# part grows with them, the per-block overhead shrinks).
+BAND_ROWS = 256
+
+
+def fuses_band():
+    return not is_compiling()
+
+
+def attends_in_parts():
+    return not is_compiling()
 
 
 def is_compiling():
@@ -170,3 +182,142 @@ def _recomputed_blocks_function():
             return (None, None, *(sums.get(i) for i in range(len(tensors))))
 
     return RecomputedBlocks
+
+
+def attend_in_parts(queries, constants, keys, values, band_queries, band_positions, band_keys,
+                    key_mask):
+    """The attention of a block of queries whose keys split in three parts:
+    the keys before the band and after it, where the logits are `queries[p]
+    . k_j + constants[p]_i` (a plain dot product plus a per-query constant),
+    and the band, whose logits are `band_queries . k_j + band_positions`:
+    each far part on torch's flash kernel (with its log-sum-exp), the band
+    explicitly, merged by their log-sum-exps (FlashAttention-2's and ring
+    attention's merge). One `autograd.Function`, whose backward runs each far
+    part's flash backward with the merged output and log-sum-exp.
+
+    Args:
+        queries: `(left, right)` `(batch, rows, heads, d)` float32 scaled queries.
+        constants: `(left, right)` `(batch, heads, rows)`.
+        keys: `(batch, keys, heads, d)`; values `(batch, keys, heads, dv)`.
+        band_queries: `(batch, rows, heads, d)`, for the keys `band_keys =
+            (start, stop)`, with `band_positions` `(batch, heads, rows, band
+            keys)` (the position terms and the head bias).
+        key_mask: `(batch, keys)` bool (True: attend) or None. A row with no
+            key to attend averages every value (edspdf's -10000 rule).
+
+    Returns:
+        `(batch, rows, heads, dv)`, or None where this does not apply
+        (compiling, or not float32).
+    """
+    tensors = [*queries, *constants, keys, values, band_queries, band_positions]
+    if is_compiling() or any(t.dtype != torch.float32 for t in tensors):
+        return None
+    return _parts_function().apply(*tensors, band_keys, key_mask)
+
+
+def _pad_last(x, size):
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+@functools.cache
+def _parts_function():
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    class AttendInParts(torch.autograd.Function):
+        """Forward: each far part's flash attention and log-sum-exp, the band's
+        softmax, merged. Backward: each far part's flash backward with the
+        merged output and log-sum-exp (less its constant), whose `P = exp(S -
+        lse)` is then the merged softmax's; the constants' gradient `w (dO .
+        o_part - D)`; the band's logits' `P (dO . v - D)`."""
+
+        @staticmethod
+        def forward(ctx, q_left, q_right, c_left, c_right, keys, values, band_q, band_positions,
+                    band_keys, key_mask):
+            n_keys, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
+            size = max(d, dv)  # the flash kernel wants one head size
+            k = _pad_last(keys.transpose(1, 2), size)
+            v = _pad_last(values.transpose(1, 2), size)
+            additive = None
+            if key_mask is not None:  # (batch, 1, 1, keys): 0 or -inf
+                additive = torch.zeros(key_mask.shape, dtype=keys.dtype, device=keys.device)
+                additive = additive.masked_fill(~key_mask, float("-inf"))[:, None, None]
+            start, stop = band_keys
+            far = []  # (side, padded queries, constant, keys, mask, output, lse)
+            for side, q, c, (first, last) in (("left", q_left, c_left, (0, start)),
+                                              ("right", q_right, c_right, (stop, n_keys))):
+                if last <= first:
+                    continue
+                q = _pad_last(q.transpose(1, 2), size)
+                mask = None if additive is None else additive[..., first:last].contiguous()
+                out, lse = flash(q, k[:, :, first:last], v[:, :, first:last], attn_mask=mask,
+                                 scale=1.0)
+                lse = lse + c
+                if key_mask is not None:  # the kernel gives lse 0 where every key is masked
+                    seen = key_mask[:, first:last].any(-1)[:, None, None]
+                    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
+                far.append((side, q, c, (first, last), mask, torch.nan_to_num(out[..., :dv]),
+                            lse))
+            bq = band_q.transpose(1, 2)  # (batch, heads, rows, d)
+            logits = bq @ keys[:, start:stop].permute(0, 2, 3, 1) + band_positions
+            if additive is not None:
+                logits = logits + additive[..., start:stop]
+            lse = torch.logsumexp(torch.stack([f[6] for f in far]
+                                              + [torch.logsumexp(logits, -1)]), 0)
+            finite = torch.isfinite(lse)  # False: a row with no key to attend
+            safe = torch.where(finite, lse, torch.zeros_like(lse))
+            band_weights = torch.exp(logits - safe[..., None])
+            out = band_weights @ v[:, :, start:stop, :dv]
+            weights = []
+            for part in far:
+                weight = torch.where(torch.isfinite(part[6]), torch.exp(part[6] - safe),
+                                     torch.zeros_like(safe))
+                weights.append(weight)
+                out += weight[..., None] * part[5]
+            if not bool(finite.all()):
+                uniform = v[..., :dv].mean(2, keepdim=True).expand_as(out)
+                out = torch.where(finite[..., None], out, uniform)
+            ctx.far = [(side, q, (first, last), mask) for side, q, _, (first, last), mask, _, _
+                       in far]
+            ctx.shape = (n_keys, d, dv, size, band_keys, bool(finite.all()))
+            ctx.save_for_backward(keys, k, v, bq, out, safe, finite, band_weights,
+                                  *[f[2] for f in far], *weights, *[f[5] for f in far])
+            return out.transpose(1, 2)
+
+        @staticmethod
+        def backward(ctx, grad):
+            keys, k, v, bq, out, safe, finite, band_weights, *rest = ctx.saved_tensors
+            n_far = len(ctx.far)
+            constants, weights, outs = rest[:n_far], rest[n_far:2 * n_far], rest[2 * n_far:]
+            n_keys, d, dv, size, (start, stop), all_finite = ctx.shape
+            grad = grad.transpose(1, 2)  # (batch, heads, rows, dv)
+            lost = None
+            if not all_finite:  # a row with no key to attend averages every value
+                lost = torch.where(finite[..., None], torch.zeros_like(grad), grad)
+                lost = lost.sum(2, keepdim=True) / n_keys
+                grad = torch.where(finite[..., None], grad, torch.zeros_like(grad))
+            delta = (grad * out).sum(-1)  # rowsum(dO * O), of the merged output
+            band_values = v[:, :, start:stop, :dv]
+            grad_band = band_weights * (grad @ band_values.transpose(-1, -2) - delta[..., None])
+            k_parts = {"band": (grad_band.transpose(-1, -2) @ bq)}  # (batch, heads, band, d)
+            v_parts = {"band": band_weights.transpose(-1, -2) @ grad}
+            grads = {"band_q": (grad_band @ keys[:, start:stop].transpose(1, 2)).transpose(1, 2)}
+            padded_grad, padded_out = _pad_last(grad, size), _pad_last(out, size)
+            for (side, q, (first, last), mask), c, weight, part_out in zip(
+                    ctx.far, constants, weights, outs):
+                dq, dk, dvv = flash_backward(
+                    padded_grad, q, k[:, :, first:last], v[:, :, first:last], padded_out,
+                    safe - c, 0.0, False, attn_mask=mask, scale=1.0)
+                k_parts[side], v_parts[side] = dk[..., :d], dvv[..., :dv]
+                grads[side] = dq[..., :d].transpose(1, 2)
+                grads[side + " constant"] = weight * ((grad * part_out).sum(-1) - delta)
+            order = ("left", "band", "right")
+            grad_k = torch.cat([k_parts[p] for p in order if p in k_parts], 2)
+            grad_v = torch.cat([v_parts[p] for p in order if p in v_parts], 2)
+            if lost is not None:
+                grad_v = grad_v + lost
+            return (grads.get("left"), grads.get("right"), grads.get("left constant"),
+                    grads.get("right constant"), grad_k.transpose(1, 2), grad_v.transpose(1, 2),
+                    grads["band_q"], grad_band, None, None)
+
+    return AttendInParts

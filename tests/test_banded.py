@@ -1,0 +1,239 @@
+"""`sequence_positions=True`: token-index positions formed by the layer, and
+the banded pooled path that gathers the position terms over a band of keys
+only (outside it, every pair reads an edge row of the clamped table).
+
+The banded path must give the per-token path's numbers (and so edspdf's):
+every mode, additional heads, the head bias, every mask shape, fully masked
+rows, tables odd, even and wider than the input, lengths the blocks do not
+divide, eager and compiled, outputs and gradients.
+"""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+from helpers import BACKEND, edspdf_module, input_and_weight_gradients, to_numpy
+from keras_relattn import RelativeAttention, RelativeTransformerLayer, config
+from keras_relattn import load_edspdf_state_dict
+from keras_relattn.positions import sequence_positions, sequence_relative_positions
+from test_adversarial import assert_gradients_close, edspdf_gradients, edspdf_outputs
+
+pytestmark = pytest.mark.reference
+
+ATOL = 1e-5
+
+
+def banded_layer(rng, n_positions, mode=("c2c", "c2p", "p2c"), n_additional_heads=1,
+                 **kwargs):
+    layer = RelativeAttention(12, 2, mode=mode, n_additional_heads=n_additional_heads,
+                              position_embedding=rng.normal(size=(n_positions, 12))
+                              .astype("float32"),
+                              position_embedding_trainable=True,
+                              bias_initializer="random_normal", sequence_positions=True,
+                              **kwargs)
+    layer.build()
+    if layer.head_bias is not None:
+        layer.head_bias.assign(rng.normal(size=layer.head_bias.shape).astype("float32"))
+    return layer
+
+
+def masks(rng, kind, batch, n):
+    mask = {"2d": rng.random((batch, n)) > 0.3, "3d": rng.random((batch, n, n)) > 0.3,
+            "4d": rng.random((batch, n, n, 2)) > 0.3, "none": None}[kind]
+    if mask is not None:
+        mask[0, 1] = False  # a query (or 2-D: a key) that attends to nothing
+    return mask
+
+
+def small_band_blocks(n, batch=2, heads=2):
+    """Blocks of 3 queries: a band of 3 + table - 3 keys (narrower than n
+    unless the table is wider than the input)."""
+    return config.block_settings(block_elements=batch * heads * n * 3, band_rows=3)
+
+
+CASES = list(itertools.product(
+    [5, 8, 40],  # odd, even, wider than the input
+    [("c2c", "c2p", "p2c"), ("c2p",), ("p2c",), ("c2c", "c2p")],
+    ["2d", "3d", "4d", "none"],
+))
+
+
+@pytest.mark.parametrize("n_positions, mode, mask", CASES)
+def test_banded_path_equals_the_full_path(n_positions, mode, mask, rng):
+    layer = banded_layer(rng, n_positions, mode)
+    n = 23  # blocks of 3 do not divide it
+    x = rng.normal(size=(2, n, 12)).astype("float32")
+    inputs = dict(content_queries=x, content_keys=x, content_values=x,
+                  mask=masks(rng, mask, 2, n))
+    full = to_numpy(layer(**inputs)[0])
+    with small_band_blocks(n) as log:
+        banded = to_numpy(layer(**inputs, return_logits=False))
+    plan = log.plans[0]
+    assert plan.n_blocks == 8
+    assert plan.band_width == (n_positions if n_positions < n else None)  # 40: all keys
+    np.testing.assert_allclose(banded, full, atol=ATOL, rtol=0)
+
+
+def test_token_indices_are_the_sequence_offsets(rng):
+    """`sequence_positions=True` equals passing the offsets `key - query` of
+    token indices (self and cross attention, both paths)."""
+    table = rng.normal(size=(9, 12)).astype("float32")
+    ours = RelativeAttention(12, 2, position_embedding=table, sequence_positions=True)
+    given = RelativeAttention(12, 2, position_embedding=table)
+    ours.build(), given.build()
+    given.set_weights(ours.get_weights())
+    q = rng.normal(size=(2, 5, 12)).astype("float32")
+    k = rng.normal(size=(2, 7, 12)).astype("float32")
+    for keys in (q, k):
+        want = given(q, keys, keys, relative_positions=sequence_relative_positions(5, len(keys[0])))
+        got = ours(q, keys, keys)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=ATOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_banded_path_equals_edspdf_outputs_and_gradients(seed):
+    """edspdf's module on the token offsets, its autograd against ours
+    through the banded path (every input and parameter)."""
+    from keras_relattn.porting import _entries
+
+    rng = np.random.default_rng([20261206, seed])
+    n_positions = [6, 9, 12][seed]
+    table = rng.normal(size=(n_positions, 12)).astype("float32")
+    ctor = dict(n_additional_heads=seed % 2, mode=("c2c", "c2p", "p2c"))
+    module = edspdf_module(rng, 12, 2, table=table, trainable_table=True, **ctor)
+    layer = RelativeAttention(12, 2, position_embedding=table, position_embedding_trainable=True,
+                              sequence_positions=True, **ctor)
+    load_edspdf_state_dict(layer, module.state_dict())
+    n = 19
+    x = rng.normal(size=(3, n, 12)).astype("float32")
+    mask = rng.random((3, n)) > 0.2
+    theirs = dict(content_queries=x, content_keys=None, content_values=x.copy(), mask=mask,
+                  relative_positions=to_numpy(sequence_relative_positions(n)), base_attn=None,
+                  no_position_mask=None)
+    probe = rng.normal(size=(3, n, 12)).astype("float32")
+    want = edspdf_outputs(module, theirs)[0]
+    wrt = ["content_queries", "content_values"]
+    theirs_inputs, theirs_parameters = edspdf_gradients(module, theirs, wrt, [probe])
+    ours = dict(content_queries=x, content_values=x.copy(), mask=mask, return_logits=False)
+    with small_band_blocks(n, batch=3) as log:  # band: table + 0 keys, < 19
+        got = to_numpy(layer(**ours))
+        grads, weights = input_and_weight_gradients(
+            layer, lambda out: keras.ops.sum(out * keras.ops.convert_to_tensor(probe)),
+            ours, wrt)
+    assert all(plan.band_width for plan in log.plans)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    for name in wrt:
+        assert_gradients_close(grads[name], theirs_inputs[name], name)
+    by_variable = {id(w): g for w, g in zip(layer.trainable_weights, weights)}
+    for entry in _entries(layer):
+        if entry.variable is not None and entry.variable.trainable:
+            assert_gradients_close(entry.to_edspdf(by_variable[id(entry.variable)]),
+                                   theirs_parameters[entry.name], entry.name)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch runs eagerly; its compiled path is "
+                    "torch.compile's, tested through the generic blocks in test_blockwise")
+def test_banded_path_compiled_and_recomputed(rng):
+    """Under jax.jit / XLA, in blocks recomputed in the backward pass (the
+    loop whose first row is traced): the full path's gradients."""
+    layer = banded_layer(rng, 8)
+    n = 23
+    x = rng.normal(size=(2, n, 12)).astype("float32")
+    mask = masks(rng, "2d", 2, n)
+    probe = rng.normal(size=(2, n, 12)).astype("float32")
+
+    def loss(out):
+        pooled = out[0] if isinstance(out, (tuple, list)) else out
+        return keras.ops.sum(pooled * keras.ops.convert_to_tensor(probe))
+
+    inputs = dict(content_queries=x, content_keys=x, content_values=x, mask=mask)
+    want = input_and_weight_gradients(layer, loss, dict(inputs), ["content_queries"])
+    with config.block_settings(block_elements=2 * 2 * n * 3, recompute_elements=0,
+                               band_rows=3) as log:
+        got = input_and_weight_gradients(layer, loss, dict(inputs, return_logits=False),
+                                         ["content_queries"], compiled=True)
+    assert log.plans[0].recomputed and log.plans[0].band_width
+    np.testing.assert_allclose(got[0]["content_queries"], want[0]["content_queries"], atol=2e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_what_the_band_cannot_take_runs_the_per_token_path(rng):
+    """`no_position_mask`, `base_attn` and dropout in training take today's
+    per-token path (no band), with the same numbers as the full path."""
+    layer = banded_layer(rng, 8, dropout_p=0.0)
+    n = 23
+    x = rng.normal(size=(2, n, 12)).astype("float32")
+    for extra in (dict(no_position_mask=rng.random((1, n, n)) > 0.5),
+                  dict(base_attn=rng.normal(size=(2, n, n, 3)).astype("float32"))):
+        full = to_numpy(layer(x, x, x, **extra)[0])
+        with small_band_blocks(n) as log:
+            got = to_numpy(layer(x, x, x, **extra, return_logits=False))
+        assert log.plans[0].band_width is None
+        np.testing.assert_allclose(got, full, atol=ATOL)
+    dropping = banded_layer(rng, 8, dropout_p=0.3)
+    with small_band_blocks(n) as log:
+        dropping(x, x, x, training=True, return_logits=False)
+        dropping(x, x, x, training=False, return_logits=False)
+    assert [plan.band_width is None for plan in log.plans] == [True, False]
+
+
+@pytest.mark.parametrize("ctor, error, match", [
+    (dict(sequence_positions=True, n_coordinates=2,
+          position_embedding=np.zeros((9, 12), "float32")), ValueError, "n_coordinates=2"),
+    (dict(sequence_positions=True), ValueError, "no position table"),
+    (dict(sequence_positions="yes", position_embedding=np.zeros((9, 12), "float32")),
+     TypeError, "must be a bool"),
+])
+def test_sequence_positions_errors_name_the_argument(ctor, error, match):
+    with pytest.raises(error, match=match):
+        RelativeAttention(12, 2, **ctor)
+
+
+@pytest.mark.parametrize("given", ["relative_positions", "query_positions"])
+def test_positions_given_to_a_layer_that_forms_them_fail_clearly(given, rng):
+    layer = banded_layer(rng, 9)
+    x = rng.normal(size=(1, 4, 12)).astype("float32")
+    value = (to_numpy(sequence_relative_positions(4)) if given == "relative_positions"
+             else to_numpy(sequence_positions(4)))
+    with pytest.raises(ValueError, match="sequence_positions=True"):
+        layer(x, x, x, **{given: value})
+
+
+def test_sequence_positions_serialize_and_the_transformer_layer_takes_them(rng, tmp_path):
+    layer = banded_layer(rng, 9)
+    again = RelativeAttention.from_config(layer.get_config())
+    assert again.sequence_positions and layer.get_config()["sequence_positions"] is True
+    block = RelativeTransformerLayer(12, 2, position_embedding_shape=(9, 12),
+                                     sequence_positions=True, init_resweight=0.5)
+    assert block.attention.n_coordinates == 1
+    tokens = keras.Input((None, 12))
+    model = keras.Model(tokens, block(tokens, return_logits=False))
+    x = rng.normal(size=(2, 6, 12)).astype("float32")
+    want = to_numpy(model(x))
+    path = str(tmp_path / "text.keras")
+    model.save(path)
+    np.testing.assert_allclose(to_numpy(keras.saving.load_model(path)(x)), want, atol=1e-6)
+    plain = RelativeTransformerLayer(12, 2, n_coordinates=1, position_embedding_shape=(9, 12),
+                                     init_resweight=0.5)
+    plain.build()
+    plain.set_weights(block.get_weights())
+    np.testing.assert_allclose(
+        to_numpy(plain(x, positions=sequence_positions(6), return_logits=False)), want,
+        atol=ATOL)
+
+
+def test_fully_masked_rows_average_every_value_on_the_banded_path(rng):
+    layer = banded_layer(rng, 6, n_additional_heads=0)
+    n = 20
+    x = rng.normal(size=(1, n, 12)).astype("float32")
+    mask = np.ones((1, n, n), bool)
+    mask[0, 4] = False
+    with small_band_blocks(n, batch=1):
+        got = to_numpy(layer(x, x, x, mask=mask, return_logits=False))
+    values = to_numpy(layer.value_projection(x))[0]  # (keys, heads, head size)
+    np.testing.assert_allclose(got[0, 4], values.mean(0).reshape(-1), atol=1e-5)
