@@ -451,6 +451,9 @@ def _long_inputs(system, length):
         return x, mask, positions.sequence_relative_positions(length)
     if system == "ours_tokens":
         return x, mask, positions.sequence_positions(length)
+    if system == "deberta_model":  # DeBERTa-v3's width of the small model: 64
+        x = keras.ops.convert_to_tensor(rng.normal(size=(1, length, 64)).astype("float32"))
+        return x, mask
     if system == "box_transformer":  # one page of `length` lines, 40 to a column
         line = np.arange(length)
         x0 = (line // 40 % 4 * 0.25 + 0.01).astype("float32")[None]
@@ -475,12 +478,47 @@ def _long_call(system, backward):
         layer = BoxTransformer(SIZE, num_heads=HEADS, n_relative_positions=POSITIONS,
                                n_layers=1)
         return layer, lambda x, mask, boxes: ((x, boxes), dict(mask=mask))
+    if system == "deberta_model":
+        layer = _DebertaLayers()
+        return layer, lambda x, mask: ((x, mask), {})
+    if system == "ours_sequence":  # token indices formed inside: the banded path
+        layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
+                                  position_embedding_trainable=backward, sequence_positions=True)
+        return layer, lambda x, mask: ((x, x, x), dict(mask=mask, return_logits=False))
     layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
                               position_embedding_trainable=backward)
     name = "relative_positions" if system == "ours" else "query_positions"
     return layer, lambda x, mask, pos: (
         (x, x, x), dict(mask=mask, return_logits=False, **{name: pos})
     )
+
+
+class _DebertaLayers(keras.layers.Layer):
+    """The 2 encoder layers of a hidden-64 DeBERTa-v3 (`keras_relattn.deberta`,
+    its v3 buckets: 256, 512) on given embeddings: what training a long
+    document adds beyond the embedding lookup."""
+
+    def __init__(self):
+        super().__init__()
+        from keras_relattn import deberta
+
+        self.encoder = deberta.DebertaV3Encoder(
+            vocabulary_size=128, num_layers=2, num_heads=4, hidden_dim=64,
+            intermediate_dim=256, dropout=0.0, attention_dropout=0.0)
+
+    def build(self, *shapes):
+        self.encoder.build()
+
+    def call(self, x, mask):
+        encoder = self.encoder
+        table = encoder.relative_norm(encoder.relative_table)
+        for block in encoder.blocks:
+            attended = block["attention"](x, x, x, mask=mask, position_embedding=table,
+                                          return_logits=False)
+            x = block["attention_norm"](x + block["attention_output"](attended))
+            hidden = keras.activations.gelu(block["intermediate"](x), approximate=False)
+            x = block["output_norm"](x + block["output"](hidden))
+        return x
 
 
 def _train_step(layer, arguments, compiled=False):

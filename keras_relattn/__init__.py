@@ -1,6 +1,6 @@
 """keras-relattn: DeBERTa-style relative attention for Keras 3 (TF, JAX, torch)."""
 
-from keras_relattn import config, positions
+from keras_relattn import config, deberta, positions
 from keras_relattn.box_transformer import BoxTransformer
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.position_table import PositionTable
@@ -16,6 +16,7 @@ __all__ = [
     "RelativeAttention",
     "RelativeTransformerLayer",
     "config",
+    "deberta",
     "edspdf_state_dict",
     "load_edspdf_state_dict",
     "positions",

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Optional
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_relattn import _backend, _checks, config
@@ -103,6 +104,8 @@ class Band:
     below: int
     above: int
     width: int
+    row_below: int
+    row_above: int
 
 
 def band_rows(n_positions, n_keys=None):
@@ -121,15 +124,30 @@ def band_rows(n_positions, n_keys=None):
     return max(rows, n_positions)
 
 
-def band_for(n_positions, block_rows, n_keys):
-    """The `Band` of edspdf's clamped table index for blocks of `block_rows`
-    queries over `n_keys` keys, or None where it would cover every key."""
-    half = n_positions // 2
-    below, above = -half, n_positions - 1 - half
-    width = block_rows + above - below - 2
+def band_for(n_positions, block_rows, n_keys, buckets=None):
+    """The `Band` of the table index (edspdf's clamped offsets, or DeBERTa's
+    buckets) for blocks of `block_rows` queries over `n_keys` keys, or None
+    where it would cover every key (or the index never settles)."""
     if not all(isinstance(n, int) for n in (n_positions, block_rows, n_keys)):
         return None
-    return Band(below, above, width) if 0 < width < n_keys else None
+    reach = 4 * max(n_positions, 2 if buckets is None else buckets[1])
+    offsets = np.arange(-reach, reach + 1)
+    if buckets is not None:
+        from keras_relattn.positions import _buckets_in_numpy
+
+        offsets_read = -_buckets_in_numpy(offsets, *buckets)
+    else:
+        offsets_read = offsets
+    index = np.clip(n_positions // 2 + offsets_read, 0, n_positions - 1)
+    left, right = index[0], index[-1]
+    if index[1] != left or index[-2] != right:
+        return None  # not settled within reach
+    below = offsets[np.argmax(index != left) - 1]
+    above = offsets[len(index) - np.argmax(index[::-1] != right)]
+    width = block_rows + int(above - below) - 2
+    if not 0 < width < n_keys:
+        return None
+    return Band(int(below), int(above), width, int(left), int(right))
 
 
 def banded_positions(step, rows, tensors):
@@ -256,8 +274,14 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
     if len(blocks) == 1:
         return run_block(step, blocks[0], tensors, constants, dropout, in_place)
     block = _BlockFunction(step)
-    if step.band is not None and backend.fuses_band():
-        recompute = False  # a fused block keeps no (rows, keys) tensor for its backward
+    if step.band is not None and backend.fuses_band() and recompute:
+        # A fused block keeps no (rows, keys) tensor for its backward, only its
+        # band's (rows, band width) and a few of their size: recomputed only
+        # where those pass four times the bound (DeBERTa's 1000-key band at
+        # 8192 tokens does; a 64-row table's at 16384 does not).
+        batch, heads = ops.shape(tensors["values"])[0], ops.shape(tensors["values"])[2]
+        kept = batch * heads * step.positions.n_queries * step.band.width
+        recompute = kept > 4 * config.get_block_settings().recompute_elements
     if recompute and not in_place:
         done = backend.recomputed_blocks(block, blocks, tensors, constants, step)
         if done is not None:

@@ -187,6 +187,63 @@ def sequence_positions(value, table_shape, n_coordinates):
     return bool(value)
 
 
+def tied_position_projections(value, table_shape, n_coordinates, query_size, key_size,
+                              shared):
+    """`tied_position_projections`, checked against the table and sizes."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            "`tied_position_projections` must be a bool. Received: "
+            f"tied_position_projections={value!r}")
+    if not value:
+        return False
+    if table_shape is None:
+        raise ValueError("`tied_position_projections=True` projects the position table with "
+                         "the content projections, but the layer has no table.")
+    if n_coordinates != 1 or shared:
+        raise ValueError(
+            "`tied_position_projections=True` (DeBERTa's share_att_key) needs "
+            "`n_coordinates=1` and no `same_key_query_proj` / `same_positional_key_query_proj`. "
+            f"Received: n_coordinates={n_coordinates}")
+    if not table_shape[1] == query_size == key_size:
+        raise ValueError(
+            "`tied_position_projections=True` feeds the table to the query and key "
+            f"projections: its feature size ({table_shape[1]}) must equal `query_size` "
+            f"({query_size}) and `key_size` ({key_size}).")
+    return True
+
+
+def position_buckets(value):
+    """`position_buckets`: None, or `(bucket_size, max_position)` DeBERTa's
+    log buckets accept."""
+    if value is None:
+        return None
+    try:
+        bucket_size, max_position = value
+    except (TypeError, ValueError):
+        raise TypeError(
+            "`position_buckets` must be None or (bucket_size, max_position). Received: "
+            f"position_buckets={value!r}") from None
+    return bucket_arguments(bucket_size, max_position)
+
+
+def bucket_arguments(bucket_size, max_position):
+    """DeBERTa's log-bucket arguments, as ints."""
+    try:
+        bucket_size, max_position = int(bucket_size), int(max_position)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "`bucket_size` and `max_position` must be ints. Received: "
+            f"bucket_size={bucket_size!r}, max_position={max_position!r}"
+        ) from None
+    if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
+        raise ValueError(
+            "`log_bucket_positions` needs bucket_size >= 4 and max_position > "
+            f"bucket_size // 2 + 1. Received bucket_size={bucket_size}, "
+            f"max_position={max_position}"
+        )
+    return bucket_size, max_position
+
+
 def shape_of(x):
     """Static shape as a tuple of ints, None for every dimension not known as
     an int (unknown, or symbolic as under `jax.export` or `torch.export`)."""

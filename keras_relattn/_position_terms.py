@@ -27,6 +27,7 @@ from keras import ops
 
 from keras_relattn import _backend, _checks, config
 from keras_relattn._offsets import FormedOffsets, PairOffsets, first_row, table_index, take_rows
+from keras_relattn.positions import log_bucket_positions
 
 # Up to this many heads, "heads_minor" scores come from one plain matmul with
 # a block-diagonal weight (see `_row_scores`); beyond it, the H-fold extra
@@ -70,6 +71,7 @@ class PositionTerms:
     n_queries: Any
     n_keys: Any
     has_position_factor: bool  # `no_position_mask`'s 0/1 factor in the tensors
+    buckets: Any = None  # DeBERTa's `(bucket_size, max_position)`: row P // 2 + bucket(-r)
 
     @property
     def heads_last(self):
@@ -88,7 +90,10 @@ class PositionTerms:
         gathered into one spare buffer and added in place; the pairs without
         position terms zeroed in place.
         """
-        index = table_index(self.offsets.rows(tensors, rows, keys), self.n_positions)
+        offsets = self.offsets.rows(tensors, rows, keys)
+        if self.buckets is not None:  # DeBERTa's: the bucket of query - key
+            offsets = -log_bucket_positions(offsets, *self.buckets)
+        index = table_index(offsets, self.n_positions)
         backend = _backend.get()
         total = spare = None
         for x in range(self.coords):
@@ -149,7 +154,7 @@ class PositionTerms:
 
 
 def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None,
-                   layout=None, output=None, block_diagonal=None):
+                   layout=None, output=None, block_diagonal=None, buckets=None):
     """The c2p + p2c terms of one call: `(PositionTerms, tensors)`, the table
     scores made once, to be gathered per block of queries.
 
@@ -168,6 +173,7 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         output: `"bqkh"` or `"bhqk"`; by default the backend's.
         block_diagonal: for `"heads_minor"`, force or forbid the block-diagonal
             matmul; by default chosen from the number of heads.
+        buckets: DeBERTa's `(bucket_size, max_position)`, or None.
     """
     backend = _backend.get()
     table = pos_k if pos_k is not None else pos_q
@@ -204,7 +210,7 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         terms=tuple(t for t, table in (("c2p", pos_k), ("p2c", pos_q)) if table is not None),
         gather=gather, layout=layout, output=output, index_dtype=index_dtype,
         batch=batch, n_queries=n_queries, n_keys=n_keys,
-        has_position_factor="position_factor" in tensors,
+        has_position_factor="position_factor" in tensors, buckets=buckets,
     )
     if block_diagonal is None:
         block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS

@@ -95,7 +95,7 @@ class AttentionWeights:
         # c2p the keys' one, p2c the queries' one (the keys' one when
         # shared). One that nothing reads would get no gradient; an edspdf
         # state dict that carries it still loads (see `porting`).
-        if self.position_embedding_shape is not None:
+        if self.position_embedding_shape is not None and not self.tied_position_projections:
             if "c2p" in self.mode or ("p2c" in self.mode and self._shares_position_projection):
                 self._position_key_projection = self._position_projection("position_key")
             if "p2c" in self.mode and not self._shares_position_projection:

@@ -190,6 +190,14 @@ def _entries(layer, prefix=""):
         if isinstance(layer, layer_type):
             if not layer.built:
                 layer.build()
+            attention = getattr(layer, "attention", layer)
+            for option in ("tied_position_projections", "position_buckets",
+                           "position_dropout_p"):
+                if getattr(attention, option, None) not in (None, False):
+                    raise ValueError(
+                        f"This layer uses `{option}`, a DeBERTa option edspdf's "
+                        "RelativeAttention has no counterpart for: port it with "
+                        "`keras_relattn.deberta` instead.")
             return entries(layer, prefix)
     raise TypeError(
         "`layer` must be a keras_relattn layer with an edspdf counterpart "

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_relattn import _checks
 from keras_relattn._offsets import OFFSET_BOUND as _OFFSET_BOUND
 from keras_relattn._offsets import box_pair_offsets
 
@@ -219,7 +220,7 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
         - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
           Attention", ICLR 2021 (log buckets: DeBERTa-v2/v3 code).
     """
-    bucket_size, max_position = _check_buckets(bucket_size, max_position)
+    bucket_size, max_position = _checks.bucket_arguments(bucket_size, max_position)
     mid = bucket_size // 2
     edges_found, complete = _bucket_edges(bucket_size, max_position)
     n_edges = len(edges_found)
@@ -270,23 +271,6 @@ def _clamped_offsets(offsets):
     return ops.clip(ops.cast(offsets, "int32"), -_OFFSET_BOUND, _OFFSET_BOUND)
 
 
-def _check_buckets(bucket_size, max_position):
-    try:
-        bucket_size, max_position = int(bucket_size), int(max_position)
-    except (TypeError, ValueError):
-        raise TypeError(
-            "`bucket_size` and `max_position` must be ints. Received: "
-            f"bucket_size={bucket_size!r}, max_position={max_position!r}"
-        ) from None
-    if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
-        raise ValueError(
-            "`log_bucket_positions` needs bucket_size >= 4 and max_position > "
-            f"bucket_size // 2 + 1. Received bucket_size={bucket_size}, "
-            f"max_position={max_position}"
-        )
-    return bucket_size, max_position
-
-
 def _log_ratio(bucket_size, max_position):
     """`log((max_position - 1) / mid)` as DeBERTa computes it: the ratio in
     Python, then a float32 tensor, then its (correctly rounded) log."""
@@ -304,6 +288,16 @@ def _exact_buckets(size, bucket_size, max_position):
     log = np.log(ratio.astype(np.float64)).astype(np.float32)
     scaled = np.float32(log.astype(np.float64) / np.float64(_log_ratio(bucket_size, max_position)))
     return np.ceil(np.float32(scaled.astype(np.float64) * (mid - 1))).astype(np.int64)
+
+
+def _buckets_in_numpy(offsets, bucket_size, max_position):
+    """`log_bucket_positions` in NumPy (int64 offsets, clamped to +-2**30),
+    with the exact float32 arithmetic its edges are found with."""
+    offsets = np.clip(np.asarray(offsets, np.int64), -_OFFSET_BOUND, _OFFSET_BOUND)
+    mid = bucket_size // 2
+    size = np.abs(offsets)
+    far = _exact_buckets(np.maximum(size, mid + 1), bucket_size, max_position) + mid
+    return np.where(size > mid, np.sign(offsets) * far, offsets)
 
 
 @functools.lru_cache(maxsize=64)

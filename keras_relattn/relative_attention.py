@@ -114,6 +114,20 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             block of queries (outside it, every pair reads an edge row of the
             clamped table): see "Performance". Needs a table and
             `n_coordinates=1`.
+        tied_position_projections (bool): DeBERTa's `share_att_key`: the
+            position keys and queries are the content key and query
+            projections applied to the table (one weight each, no position
+            projections of their own). Needs `n_coordinates=1` and a table as
+            wide as the queries and keys.
+        position_dropout_p (float | None): DeBERTa's dropout placement: with a
+            rate here, `dropout_p` drops the attention probabilities only and
+            this rate the table (one mask for both terms), nothing the raw
+            queries, keys and values. None: edspdf's (`dropout_p` on all).
+        position_buckets (tuple | None): `(bucket_size, max_position)`:
+            DeBERTa's relative positions. The offset of key `j` to query `i`
+            reads table row `n_positions // 2 + bucket(i - j)`, with
+            `positions.log_bucket_positions`' buckets (query minus key, as
+            DeBERTa): use a table of `2 * bucket_size` rows.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -211,6 +225,9 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         bias_constraint=None,
         seed=None,
         sequence_positions=False,
+        tied_position_projections=False,
+        position_dropout_p=None,
+        position_buckets=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -246,6 +263,12 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         self.seed = seed
         self.sequence_positions = _checks.sequence_positions(
             sequence_positions, self.position_embedding_shape, self.n_coordinates)
+        self.tied_position_projections = _checks.tied_position_projections(
+            tied_position_projections, self.position_embedding_shape, self.n_coordinates,
+            self.query_size, self.key_size, same_key_query_proj or same_positional_key_query_proj)
+        self.position_dropout_p = (None if position_dropout_p is None else
+                                   _checks.dropout_rate("position_dropout_p", position_dropout_p))
+        self.position_buckets = _checks.position_buckets(position_buckets)
         self.supports_masking = True
         # `call` converts its inputs itself (`_convert_input`): 64-bit offsets
         # must be clamped before a backend without int64 (JAX) narrows them.
@@ -257,6 +280,12 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             keras.layers.Dropout(self.dropout_p, seed=seed, dtype=self.dtype_policy)
             if self.dropout_p > 0
             else None
+        )
+        # DeBERTa's placement: the table's own dropout (and none on the inputs).
+        self._position_dropout_layer = (
+            keras.layers.Dropout(self.position_dropout_p,
+                                 seed=None if seed is None else seed + 1, dtype=self.dtype_policy)
+            if self.position_dropout_p else None
         )
         # Made by `build`; None where the configuration has no use for one.
         self._query_projection = None
@@ -307,7 +336,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         logits = self._logits(q, k, position, inputs["base_attn"])
         if values is None:
             return logits.bqkh()
-        values = self.value_projection(self._dropout(values, training))
+        values = self.value_projection(self._input_dropout(values, training))
         pooled = attend(logits.bhqk()[:, self.n_additional_heads:], values, attend_mask,
                         lambda weights: self._dropout(weights, training))
         return self._merge_heads(pooled), logits.bqkh()
@@ -353,8 +382,8 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
 
     def _content_heads(self, queries, keys, scale, training):
         """`(q, k)`, each `(batch, length, heads, head_size)`; `q` scaled."""
-        q = self.query_projection(self._dropout(queries, training))
-        k = self.key_projection(self._dropout(keys, training))
+        q = self.query_projection(self._input_dropout(queries, training))
+        k = self.key_projection(self._input_dropout(keys, training))
         return q * ops.cast(scale, q.dtype), k
 
     def _position_tables(self, table, scale, training):
@@ -366,14 +395,22 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         coords = self.n_coordinates
         chunks = (-1, coords, self.position_embedding_shape[1] // coords)
 
+        if self._position_dropout_layer is not None:  # DeBERTa's: one mask for both terms
+            table = self._position_dropout_layer(table, training=training)
+
         def project(projection):
-            return projection(ops.reshape(self._dropout(table, training), chunks))
+            if self.tied_position_projections:  # the content projections, on the table
+                return ops.reshape(projection(table[None]), (-1, 1) + tuple(
+                    projection.kernel.shape[1:]))
+            return projection(ops.reshape(self._input_dropout(table, training), chunks))
 
         pos_q = pos_k = None
         if "c2p" in self.mode:
-            pos_k = project(self.position_key_projection)
+            pos_k = project(self.key_projection if self.tied_position_projections
+                            else self.position_key_projection)
         if "p2c" in self.mode:
-            pos_q = project(self.position_query_projection)
+            pos_q = project(self.query_projection if self.tied_position_projections
+                            else self.position_query_projection)
             pos_q = pos_q * ops.cast(scale, pos_q.dtype)
         return pos_q, pos_k
 
@@ -385,7 +422,8 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             logits.add(ops.einsum("bqhd,bkhd->bhqk", q, k), "bhqk")
         if position is not None:
             (pos_q, pos_k), offsets, no_position_mask = position
-            terms, tensors = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask)
+            terms, tensors = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
+                                            buckets=self.position_buckets)
             logits.add(terms.logits(tensors), terms.output)
         if base_attn is not None:
             logits.add(ops.cast(base_attn, self.compute_dtype), "bqkh")
@@ -406,7 +444,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         dropout_in_training = bool(training) and self._dropout_layer is not None
         banded = (position is not None and self.sequence_positions and position[2] is None
                   and base_attn is None and not dropout_in_training)
-        tensors = {"values": self.value_projection(self._dropout(values, training))}
+        tensors = {"values": self.value_projection(self._input_dropout(values, training))}
         constants = {} if attend_mask is None else {"attend": attend_mask}
         extra = []  # terms broadcastable to (batch, heads, queries, keys)
         if base_attn is not None:
@@ -428,7 +466,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             tables, offsets, no_position_mask = position
             pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
             terms, found = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
-                                          output="bhqk")
+                                          output="bhqk", buckets=self.position_buckets)
             scores = terms.score_names()
             tensors.update((name, found[name]) for name in scores)
             constants.update((name, t) for name, t in found.items() if name not in scores)
@@ -458,10 +496,10 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         query's and key's score against the table's first and last rows."""
         rows = blocks[0].stop if blocks[0].stop is not None else terms.n_queries
         band = _blockwise.band_for(terms.n_positions, rows - (blocks[0].start or 0),
-                                   terms.n_keys)
+                                   terms.n_keys, terms.buckets)
         if band is None:
             return None
-        edges = (0, terms.n_positions - 1)
+        edges = (band.row_below, band.row_above)
         if pos_k is not None:  # (batch, heads, queries, 2)
             table = ops.stack([pos_k[e, 0] for e in edges], 0)
             tensors["edge_c2p"] = ops.einsum("bqhd,ehd->bhqe", q, table)
@@ -483,6 +521,13 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         if heads is None:
             base = base + ops.zeros((self.total_heads,), base.dtype)
         return base[..., first:]
+
+    def _input_dropout(self, x, training):
+        """edspdf's dropout of the raw inputs and table (none with DeBERTa's
+        placement)."""
+        if self.position_dropout_p is not None:
+            return x
+        return self._dropout(x, training)
 
     def _dropout(self, x, training):
         if self._dropout_layer is None:
@@ -626,6 +671,10 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
                 ),
                 "seed": self.seed,
                 "sequence_positions": self.sequence_positions,
+                "tied_position_projections": self.tied_position_projections,
+                "position_dropout_p": self.position_dropout_p,
+                "position_buckets": (None if self.position_buckets is None
+                                     else list(self.position_buckets)),
             }
         )
         return config

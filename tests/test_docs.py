@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
     "keras_relattn.box_transformer",
     "keras_relattn.config",
+    "keras_relattn.deberta",
     "keras_relattn.relative_attention",
     "keras_relattn.porting",
     "keras_relattn.position_table",
@@ -32,7 +33,11 @@ def public_objects():
     from keras_relattn import positions
 
     names = [getattr(keras_relattn, n) for n in keras_relattn.__all__
-             if n not in ("positions", "config")]
+             if n not in ("positions", "config", "deberta")]
+    from keras_relattn import deberta
+
+    names += [getattr(deberta, n) for n in ("from_transformers", "to_transformers_state_dict",
+                                            "from_keras_hub")]
     names += [getattr(positions, n) for n in dir(positions)
               if n.endswith(("_positions", "_table")) and callable(getattr(positions, n))]
     return names
