@@ -135,11 +135,10 @@ def test_banded_path_equals_edspdf_outputs_and_gradients(seed):
                                    theirs_parameters[entry.name], entry.name)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="torch runs eagerly; its compiled path is "
-                    "torch.compile's, tested through the generic blocks in test_blockwise")
 def test_banded_path_compiled_and_recomputed(rng):
-    """Under jax.jit / XLA, in blocks recomputed in the backward pass (the
-    loop whose first row is traced): the full path's gradients."""
+    """Under jax.jit, XLA or torch.compile (aot_eager), in blocks recomputed
+    in the backward pass (the loop whose first row is traced): the full
+    path's gradients."""
     layer = banded_layer(rng, 8)
     n = 23
     x = rng.normal(size=(2, n, 12)).astype("float32")
