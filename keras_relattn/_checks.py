@@ -223,21 +223,22 @@ def position_buckets(value):
         raise TypeError(
             "`position_buckets` must be None or (bucket_size, max_position). Received: "
             f"position_buckets={value!r}") from None
-    return bucket_arguments(bucket_size, max_position)
+    return bucket_arguments(bucket_size, max_position, owner="`position_buckets`")
 
 
-def bucket_arguments(bucket_size, max_position):
-    """DeBERTa's log-bucket arguments, as ints."""
+def bucket_arguments(bucket_size, max_position, owner="`log_bucket_positions`"):
+    """DeBERTa's log-bucket arguments, as ints; `owner` names, in the
+    messages, the argument or function that received them."""
     try:
         bucket_size, max_position = int(bucket_size), int(max_position)
     except (TypeError, ValueError):
         raise TypeError(
-            "`bucket_size` and `max_position` must be ints. Received: "
+            f"{owner}: `bucket_size` and `max_position` must be ints. Received: "
             f"bucket_size={bucket_size!r}, max_position={max_position!r}"
         ) from None
     if bucket_size < 4 or max_position <= bucket_size // 2 + 1:
         raise ValueError(
-            "`log_bucket_positions` needs bucket_size >= 4 and max_position > "
+            f"{owner} needs bucket_size >= 4 and max_position > "
             f"bucket_size // 2 + 1. Received bucket_size={bucket_size}, "
             f"max_position={max_position}"
         )
