@@ -32,17 +32,17 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         input_size (int): feature size of the line embeddings.
         num_heads (int): attention heads of each layer.
         dropout_p (float): dropout of the attention and residual branches.
-        head_size (int): size of each attention head (default
+        head_size (int | None): size of each attention head (default
             `input_size // num_heads`).
-        activation: `"gelu"` (exact, edspdf's default) or any activation
+        activation (str | callable): `"gelu"` (exact, edspdf's default) or any activation
             `RelativeTransformerLayer` takes.
         init_resweight (float): initial value of the residual gates.
-        n_relative_positions: int or None, rows of the shared table (and the
+        n_relative_positions (int | None): rows of the shared table (and the
             scale of the x offsets). None: no position terms (content only).
-        attention_mode: terms of the attention, see `RelativeAttention`.
+        attention_mode (tuple[str, ...]): terms of the attention, see `RelativeAttention`.
         n_layers (int): number of layers.
         seed (int | None): seed of the dropouts.
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs (dict): other `keras.layers.Layer` arguments.
 
     Call arguments:
         - `embeds`: `(pages, lines, input_size)` line embeddings.
@@ -57,7 +57,7 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
             alone). True also returns every layer's logits.
 
     Returns:
-        `(pages, lines, input_size)` contextualized embeddings; with
+        Tensor | tuple: `(pages, lines, input_size)` contextualized embeddings; with
         `return_logits=True`, `(embeddings, [logits of each layer])`, each
         `(pages, lines + 1, lines + 1, num_heads)` (the CLS row and column
         first).
@@ -148,6 +148,22 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
 
     def call(self, embeds, boxes, mask=None, training=None, return_logits=False,
              embeds_mask=None):
+        """The stack over the lines of each page.
+
+        Args:
+            embeds (Tensor): `(pages, lines, input_size)`.
+            boxes (dict): `(pages, lines)` float tensors by edspdf's keys
+                (`xmin, ymin, xmax, ymax, width, height`).
+            mask (Tensor | None): `(pages, lines)` bool, True = a real line.
+            training (bool | None): whether dropout is active.
+            return_logits (bool): also return every layer's logits.
+            embeds_mask (Tensor | None): the embeddings' Keras mask, filled
+                in by Keras.
+
+        Returns:
+            Tensor | tuple: `(pages, lines, input_size)`; with
+            `return_logits`, also the list of each layer's logits.
+        """
         if mask is None:
             mask = embeds_mask
         _checks.check_shape(

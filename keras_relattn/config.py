@@ -100,7 +100,7 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
         band_rows (int | None): see `BlockSettings`.
 
     Yields:
-        A `BlockLog` whose `plans` list each pooled call made inside.
+        BlockLog: the log whose `plans` list each pooled call made inside.
 
     Examples:
         >>> import numpy as np

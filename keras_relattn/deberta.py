@@ -42,7 +42,7 @@ class DebertaV3Encoder(keras.layers.Layer):
             embeddings are zeroed and a padded query averages every value
             (its whole row is masked); `"keras_hub"`: as `DebertaV3Backbone`,
             padding masks keys only.
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs (dict): other `keras.layers.Layer` arguments.
 
     Call arguments:
         token_ids: `(batch, length)` int.
@@ -50,7 +50,7 @@ class DebertaV3Encoder(keras.layers.Layer):
         training (bool): whether dropout is active.
 
     Returns:
-        `(batch, length, hidden_dim)`: the last hidden state.
+        Tensor: `(batch, length, hidden_dim)`, the last hidden state.
     """
 
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
@@ -62,7 +62,8 @@ class DebertaV3Encoder(keras.layers.Layer):
         self.num_heads = _checks.positive_int("num_heads", num_heads)
         self.hidden_dim = _checks.positive_int("hidden_dim", hidden_dim)
         self.intermediate_dim = _checks.positive_int("intermediate_dim", intermediate_dim)
-        self.bucket_size, self.max_position = _checks.bucket_arguments(bucket_size, max_position)
+        self.bucket_size, self.max_position = _checks.bucket_arguments(
+            bucket_size, max_position, owner=f"`{type(self).__name__}`")
         self.dropout = _checks.dropout_rate("dropout", dropout)
         self.attention_dropout = _checks.dropout_rate("attention_dropout", attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
@@ -245,15 +246,15 @@ def from_transformers(state_dict, config):
     settings, with its weights.
 
     Args:
-        state_dict: `DebertaV2Model.state_dict()` (torch tensors or NumPy
+        state_dict (dict): `DebertaV2Model.state_dict()` (torch tensors or NumPy
             arrays; a `deberta.` prefix, as in task models, is read too).
-        config: `DebertaV2Config.to_dict()`. An option v3 does not use
+        config (dict): `DebertaV2Config.to_dict()`. An option v3 does not use
             (absolute positions, `relative_attention=False`, a part of
             `pos_att_type`, token types, a convolution layer) raises a
             `ValueError` naming it.
 
     Returns:
-        `backbone(...)`: inputs `{"token_ids", "padding_mask"}`, the last
+        keras.Model: `backbone(...)`: inputs `{"token_ids", "padding_mask"}`, the last
         hidden state out; padding as `DebertaV2Model`'s.
 
     Examples:
@@ -316,10 +317,10 @@ def to_transformers_state_dict(model):
     `torch.from_numpy`).
 
     Args:
-        model: a `deberta.backbone` model, or its `DebertaV3Encoder`.
+        model (keras.Model | DebertaV3Encoder): a `deberta.backbone` model, or its encoder.
 
     Returns:
-        dict of NumPy float32 arrays by `DebertaV2Model`'s parameter names.
+        dict: NumPy float32 arrays by `DebertaV2Model`'s parameter names.
 
     Examples:
         >>> from keras_relattn import deberta
@@ -370,10 +371,10 @@ def from_keras_hub(keras_hub_backbone):
     padding (keys only).
 
     Args:
-        keras_hub_backbone: a `keras_hub.models.DebertaV3Backbone`.
+        keras_hub_backbone (keras_hub.models.DebertaV3Backbone): the backbone to port.
 
     Returns:
-        `backbone(..., padding="keras_hub")`.
+        keras.Model: `backbone(..., padding="keras_hub")`.
 
     Examples:
         >>> from keras_hub.models import DebertaV3Backbone

@@ -228,13 +228,13 @@ def load_edspdf_state_dict(layer, state_dict):
     a LoRA layer, the base kernels are loaded and the adapters' `B` zeroed.
 
     Args:
-        layer: one of those layers (built or not), configured like the
+        layer (keras.layers.Layer): one of those layers (built or not), configured like the
             edspdf module the state dict comes from.
-        state_dict: mapping of edspdf parameter names to numpy arrays or
+        state_dict (dict): edspdf parameter names to numpy arrays or
             torch tensors, e.g. `module.state_dict()`.
 
     Returns:
-        The layer, for chaining.
+        keras.layers.Layer: the layer, for chaining.
 
     Examples:
         >>> import keras, numpy as np
@@ -305,12 +305,12 @@ def edspdf_state_dict(layer):
     `torch.nn.Module.state_dict` writes them.
 
     Args:
-        layer: a `RelativeAttention`, `RelativeTransformerLayer` or
+        layer (keras.layers.Layer): a `RelativeAttention`, `RelativeTransformerLayer` or
             `BoxTransformer` (built on demand). LoRA kernels are exported
             merged with their adapters.
 
     Returns:
-        dict of edspdf parameter names to numpy arrays; with
+        dict: edspdf parameter names to numpy arrays; with
         `{k: torch.from_numpy(v) for k, v in ...items()}` it loads with
         `load_state_dict(..., strict=True)` into the edspdf module of the
         same configuration.

@@ -19,18 +19,21 @@ class PositionTable(keras.layers.Layer):
     Args:
         n_positions (int): number of rows (relative positions) of the table.
         size (int): feature size of each row.
-        initializer: initializer of the table. Default: standard normal, as
-            edspdf's `torch.randn` table.
-        regularizer: optional regularizer of the table.
-        constraint: optional constraint of the table.
-        **kwargs: other `keras.layers.Layer` arguments.
+        initializer (str | keras.initializers.Initializer): initializer of
+            the table. Default: standard normal, as edspdf's `torch.randn`
+            table.
+        regularizer (str | keras.regularizers.Regularizer | None):
+            regularizer of the table.
+        constraint (str | keras.constraints.Constraint | None): constraint of
+            the table.
+        **kwargs (dict): other `keras.layers.Layer` arguments.
 
     Call arguments:
         - `inputs`: any tensor; only anchors the table in a functional graph.
             Its values are ignored.
 
     Returns:
-        The table, `(n_positions, size)`, in the layer's compute dtype.
+        Tensor: the table, `(n_positions, size)`, in the layer's compute dtype.
 
     Examples:
         >>> import keras, numpy as np

@@ -25,12 +25,12 @@ def sequence_relative_positions(query_length, key_length=None):
     """Offsets of 1-D sequences: `key index - query index`.
 
     Args:
-        query_length: int or scalar tensor, number of queries.
-        key_length: int or scalar tensor, number of keys. Defaults to
+        query_length (int | Tensor): int or scalar tensor, number of queries.
+        key_length (int | Tensor | None): int or scalar tensor, number of keys. Defaults to
             `query_length`.
 
     Returns:
-        int32 tensor `(1, query_length, key_length, 1)`; one tensor serves
+        Tensor: int32 tensor `(1, query_length, key_length, 1)`; one tensor serves
         the whole batch (the layer broadcasts a batch of 1).
 
     Examples:
@@ -59,7 +59,7 @@ def grid_relative_positions(height, width):
         width (int): columns of the grid.
 
     Returns:
-        int32 tensor `(1, height * width, height * width, 2)`: coordinate 0
+        Tensor: int32 tensor `(1, height * width, height * width, 2)`: coordinate 0
         is the column (x) offset, coordinate 1 the row (y) offset, both key
         minus query. Patch `i` sits at row `i // width`, column `i % width`.
 
@@ -89,10 +89,10 @@ def sequence_positions(length):
     block by block, never a `(length, length)` tensor.
 
     Args:
-        length: int or scalar tensor, number of tokens.
+        length (int | Tensor): int or scalar tensor, number of tokens.
 
     Returns:
-        int32 tensor `(1, length, 1)`; one tensor serves the whole batch.
+        Tensor: int32 tensor `(1, length, 1)`; one tensor serves the whole batch.
 
     Examples:
         >>> import keras
@@ -119,7 +119,7 @@ def grid_positions(height, width):
         width (int): columns of the grid.
 
     Returns:
-        int32 tensor `(1, height * width, 2)`.
+        Tensor: int32 tensor `(1, height * width, 2)`.
 
     Examples:
         >>> import keras
@@ -146,19 +146,19 @@ def box_relative_positions(x0, y0, x1, y1, width, height, n_relative_positions):
     for parity and, as in edspdf, unused.)
 
     Args:
-        x0: float tensor `(pages, boxes)`, the boxes' left edges, in page
+        x0 (Tensor): float tensor `(pages, boxes)`, the boxes' left edges, in page
             units (edspdf uses coordinates relative to the page, in [0, 1]).
-        y0: float tensor `(pages, boxes)`, top edges.
-        x1: float tensor `(pages, boxes)`, right edges (unused, as in edspdf).
-        y1: float tensor `(pages, boxes)`, bottom edges.
-        width: float tensor `(pages, boxes)`, box widths (unused, as in
+        y0 (Tensor): float tensor `(pages, boxes)`, top edges.
+        x1 (Tensor): float tensor `(pages, boxes)`, right edges (unused, as in edspdf).
+        y1 (Tensor): float tensor `(pages, boxes)`, bottom edges.
+        width (Tensor): float tensor `(pages, boxes)`, box widths (unused, as in
             edspdf).
-        height: float tensor `(pages, boxes)`, box heights.
+        height (Tensor): float tensor `(pages, boxes)`, box heights.
         n_relative_positions (int): the scale of the x offsets (the size of
             edspdf's position table).
 
     Returns:
-        int32 tensor `(pages, boxes, boxes, 2)` (x offset, y offset).
+        Tensor: int32 tensor `(pages, boxes, boxes, 2)` (x offset, y offset).
 
     Examples:
         >>> import numpy as np, keras
@@ -201,18 +201,19 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
     every backend, eager or compiled, gives the same buckets.
 
     Args:
-        relative_positions: integer tensor of offsets, any shape.
+        relative_positions (Tensor): integer tensor of offsets, any shape.
         bucket_size (int): number of exact positions (both signs together).
         max_position (int): the largest offset expected.
 
     Returns:
-        int32 tensor of the same shape. Use a table of
+        Tensor: int32 tensor of the same shape. Use a table of
         `2 * bucket_size` (or more) rows, or any size: the layer clamps.
 
     Examples:
         >>> import keras
         >>> from keras_relattn.positions import log_bucket_positions
-        >>> p = log_bucket_positions(keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500]), 8, 512)
+        >>> r = keras.ops.convert_to_tensor([0, 3, -4, 10, 100, -500])
+        >>> p = log_bucket_positions(r, 8, 512)
         >>> keras.ops.convert_to_numpy(p).tolist()
         [0, 3, -4, 5, 6, -7]
 
@@ -332,7 +333,7 @@ def sinusoidal_table(n_positions, size, temperature=10000.0):
         temperature (float): controls the range of frequencies.
 
     Returns:
-        float32 numpy array `(n_positions, size)`, ready for
+        numpy.ndarray: float32 numpy array `(n_positions, size)`, ready for
         `RelativeAttention(position_embedding=...)`.
 
     Examples:

@@ -6,9 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _blockwise, _checks, _offsets, config
+from keras_relattn import _checks, _offsets, _pooled
 from keras_relattn._calling import KeywordCallArguments
-from keras_relattn._checks import MODES
 from keras_relattn._logits import LogitSum, attend
 from keras_relattn._position_terms import position_terms
 from keras_relattn._weights import AttentionWeights
@@ -60,22 +59,22 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
     `keras_relattn.load_edspdf_state_dict` / `keras_relattn.edspdf_state_dict`.
 
     Args:
-        size (int): Size of the pooled output (`n_heads * value head size`).
+        size (int | None): Size of the pooled output (`n_heads * value head size`).
             Default for `query_size` and `key_size`. May be None with
             `do_pooling=False` when both of those are given.
         n_heads (int): Number of pooling attention heads.
-        query_size (int): Feature size of the content queries. Defaults to
+        query_size (int | None): Feature size of the content queries. Defaults to
             `size`.
-        key_size (int): Feature size of the content keys. Defaults to `size`.
-        value_size (int): Feature size of the content values. Defaults to
+        key_size (int | None): Feature size of the content keys. Defaults to `size`.
+        value_size (int | None): Feature size of the content values. Defaults to
             `key_size` (as in edspdf).
-        head_size (int): Size of each query/key head. Defaults to
+        head_size (int | None): Size of each query/key head. Defaults to
             `key_size // n_heads`.
-        position_embedding: optional array (numpy or backend tensor) of shape
+        position_embedding (array | None): the table (numpy or backend tensor), shape
             `(n_positions, position_size)`: the relative position table. It is
             stored as a weight of the layer (`position_embedding`), never in
             the config.
-        position_embedding_shape: optional `(n_positions, position_size)`:
+        position_embedding_shape (tuple | None): `(n_positions, position_size)`:
             create an empty (zero) table of that shape, to be filled by
             loading weights. This is what `get_config()` records. With
             `(None, position_size)` the layer owns no table: it is passed at
@@ -95,17 +94,21 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         head_bias (bool): Learn a per-head bias added to the logits.
         do_pooling (bool): Whether the layer pools values at all. With
             `False` it only computes logits and has no value projection.
-        mode: sequence of `"c2c"`, `"c2p"`, `"p2c"`: the terms to compute.
+        mode (tuple[str, ...]): of `"c2c"`, `"c2p"`, `"p2c"`: the terms to compute.
         n_additional_heads (int): Logit-only heads, placed first on the heads
             axis of the returned logits.
-        kernel_initializer: initializer of the projections' kernels.
-        bias_initializer: initializer of the projections' biases.
-        kernel_regularizer: regularizer of the projections' kernels.
-        bias_regularizer: regularizer of the projections' biases and of the
-            head bias.
-        kernel_constraint: constraint of the projections' kernels.
-        bias_constraint: constraint of the projections' biases and of the
-            head bias.
+        kernel_initializer (str | keras.initializers.Initializer): initializer
+            of the projections' kernels.
+        bias_initializer (str | keras.initializers.Initializer): initializer
+            of the projections' biases.
+        kernel_regularizer (str | keras.regularizers.Regularizer | None):
+            regularizer of the projections' kernels.
+        bias_regularizer (str | keras.regularizers.Regularizer | None):
+            regularizer of the projections' biases and of the head bias.
+        kernel_constraint (str | keras.constraints.Constraint | None):
+            constraint of the projections' kernels.
+        bias_constraint (str | keras.constraints.Constraint | None):
+            constraint of the projections' biases and of the head bias.
         seed (int | None): seed of the dropout.
         sequence_positions (bool): the positions are each token's index (text):
             the layer forms the offsets `key index - query index` itself, and
@@ -128,53 +131,17 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             reads table row `n_positions // 2 + bucket(i - j)`, with
             `positions.log_bucket_positions`' buckets (query minus key, as
             DeBERTa): use a table of `2 * bucket_size` rows.
-        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+        **kwargs (dict): other `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        - `content_queries`: `(batch, n_queries, query_size)` float tensor.
-        - `content_keys`: `(batch, n_keys, key_size)`; defaults to the queries.
-        - `content_values`: `(batch, n_keys, value_size)`; when given (and
-            `do_pooling`), the layer returns the pooled output too.
-        - `mask`: bool or 0/1 tensor, True = attend. Shape `(batch, n_keys)`,
-            `(batch, n_queries, n_keys)` or `(batch, n_queries, n_keys,
-            n_heads)` (pooling heads only). `None` means attend to all keys.
-            It only affects pooling: the returned logits are unmasked.
-        - `relative_positions`: integer tensor `(batch or 1, n_queries, n_keys,
-            n_coordinates)`: position of each key relative to each query.
-        - `no_position_mask`: bool tensor `(batch or 1, n_queries, n_keys)`; True
-            disables the position terms for that pair.
-        - `base_attn`: float tensor `(batch, n_queries, n_keys, n_heads +
-            n_additional_heads)` added to the logits.
-        - `training` (bool): whether dropout is active.
-        - `return_logits` (bool): default True (edspdf's outputs). With False
-            (values required), only the pooled output is returned, like
-            `MultiHeadAttention(..., return_attention_scores=False)`: the
-            fast way to run a stack that never reads the logits. It computes
-            only the pooling heads and, for long inputs, works through blocks
-            of queries, so no `(batch, heads, queries, keys)` tensor is held
-            for the whole input; in training each block is recomputed in the
-            backward pass (FlashAttention-2's scheme), so no such tensor is
-            kept for it either.
-        - `position_embedding`: optional `(n_positions, position_size)` tensor
-            used instead of the layer's own table, e.g. the output of a
-            `keras_relattn.PositionTable` shared by several layers.
-        - `query_positions`: integer tensor `(batch or 1, n_queries,
-            n_coordinates)`, each query's coordinates, with `key_positions`
-            `(batch or 1, n_keys, n_coordinates)`, instead of
-            `relative_positions`: the layer forms the offsets `key -
-            query` block by block, so no `(n_queries, n_keys)` positions
-            tensor is ever needed (`keras_relattn.positions.
-            sequence_positions`, `grid_positions`). In self attention
-            `key_positions` defaults to `query_positions`. Offsets must fit
-            int32 (coordinates within 2**31 of each other).
-        - `key_positions`: see `query_positions`.
-        - `content_queries_mask`, `content_keys_mask`, `content_values_mask`: Keras
-            masks `(batch, length)`, filled in by Keras from the inputs'
-            masks; the keys' and values' masks mask keys (in self attention
-            the queries' mask is the keys' mask). They combine with `mask`.
+        See `call` below (typed): `content_queries`, `content_keys`,
+        `content_values`, `mask`, `relative_positions` (or `query_positions`
+        and `key_positions`), `no_position_mask`, `base_attn`,
+        `position_embedding`, `training`, `return_logits`, and the Keras masks
+        of the inputs.
 
     Returns:
-        `(pooled, logits)` when `content_values` is given, else `logits`;
+        Tensor | tuple: `(pooled, logits)` when `content_values` is given, else `logits`;
         `pooled` alone with `return_logits=False`.
         `pooled`: `(batch, n_queries, size)`; it carries the queries' Keras
         mask. `logits`: `(batch, n_queries, n_keys, n_heads +
@@ -213,7 +180,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         n_coordinates=1,
         head_bias=True,
         do_pooling=True,
-        mode=MODES,
+        mode=("c2c", "c2p", "p2c"),
         n_additional_heads=0,
         position_embedding_shape=None,
         position_embedding_trainable=False,
@@ -302,6 +269,58 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
              position_embedding=None, training=None, return_logits=True, query_positions=None,
              key_positions=None, content_queries_mask=None, content_keys_mask=None,
              content_values_mask=None):
+        """Runs the attention (edspdf's `forward`, and more).
+
+        Args:
+            content_queries (Tensor): `(batch, n_queries, query_size)` float.
+            content_keys (Tensor | None): `(batch, n_keys, key_size)`;
+                defaults to the queries.
+            content_values (Tensor | None): `(batch, n_keys, value_size)`;
+                when given (and `do_pooling`), the pooled output is returned
+                too.
+            mask (Tensor | None): bool or 0/1, True = attend: `(batch,
+                n_keys)`, `(batch, n_queries, n_keys)` or `(batch, n_queries,
+                n_keys, n_heads)` (pooling heads only). None: every key. It
+                only affects pooling: the returned logits are unmasked.
+            relative_positions (Tensor | None): integer `(batch or 1,
+                n_queries, n_keys, n_coordinates)`: each key's position
+                relative to each query.
+            no_position_mask (Tensor | None): bool `(batch or 1, n_queries,
+                n_keys)`; True disables the position terms of that pair.
+            base_attn (Tensor | None): float `(batch, n_queries, n_keys,
+                n_heads + n_additional_heads)` (sizes of 1 broadcast) added to
+                the logits.
+            position_embedding (Tensor | None): `(n_positions,
+                position_size)`, used instead of the layer's own table (e.g. a
+                `PositionTable`'s output shared by several layers).
+            training (bool | None): whether dropout is active.
+            return_logits (bool): True (edspdf's outputs) or False: the
+                pooled output alone, computed for the pooling heads only,
+                over blocks of queries for long inputs (recomputed in the
+                backward pass), and with `sequence_positions`, on the banded
+                path: the fast way to run a stack that never reads logits.
+            query_positions (Tensor | None): integer `(batch or 1, n_queries,
+                n_coordinates)`, each query's coordinates, with
+                `key_positions`, instead of `relative_positions`: the layer
+                forms the offsets `key - query` block by block (no
+                `(n_queries, n_keys)` tensor). Offsets must fit int32.
+            key_positions (Tensor | None): integer `(batch or 1, n_keys,
+                n_coordinates)`; defaults to `query_positions` in self
+                attention.
+            content_queries_mask (Tensor | None): the queries' Keras mask
+                `(batch, n_queries)`, filled in by Keras; in self attention it
+                masks keys.
+            content_keys_mask (Tensor | None): the keys' Keras mask, filled
+                in by Keras; it masks keys (combined with `mask`).
+            content_values_mask (Tensor | None): the values' Keras mask,
+                likewise.
+
+        Returns:
+            Tensor | tuple: `(pooled, logits)` with values, else `logits`;
+            `pooled` alone with `return_logits=False`. `pooled`: `(batch,
+            n_queries, size)`; `logits`: `(batch, n_queries, n_keys, n_heads
+            + n_additional_heads)`.
+        """
         key_positions = _default_key_positions(
             content_queries, content_keys, query_positions, key_positions
         )
@@ -331,8 +350,8 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             tables = self._position_tables(inputs["position_embedding"], scale, training)
             position = (tables, offsets, inputs["no_position_mask"])
         if not return_logits:
-            return self._pooled_only(q, k, values, position, inputs["base_attn"], attend_mask,
-                                     training)
+            return _pooled.pooled_only(self, q, k, values, position, inputs["base_attn"],
+                                       attend_mask, training)
         logits = self._logits(q, k, position, inputs["base_attn"])
         if values is None:
             return logits.bqkh()
@@ -433,94 +452,6 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
 
     def _merge_heads(self, pooled):
         return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))
-
-    def _pooled_only(self, q, k, values, position, base_attn, attend_mask, training):
-        """The pooled output alone (`return_logits=False`): the pooling heads
-        only, in `(batch, heads, queries, keys)`, through `_blockwise.pooled`
-        (blocks of queries for long inputs, recomputed in training; with
-        `sequence_positions`, the banded path where it applies)."""
-        first = self.n_additional_heads
-        q, k = q[:, :, first:], k[:, :, first:]
-        dropout_in_training = bool(training) and self._dropout_layer is not None
-        banded = (position is not None and self.sequence_positions and position[2] is None
-                  and base_attn is None and not dropout_in_training)
-        tensors = {"values": self.value_projection(self._input_dropout(values, training))}
-        constants = {} if attend_mask is None else {"attend": attend_mask}
-        extra = []  # terms broadcastable to (batch, heads, queries, keys)
-        if base_attn is not None:
-            base = self._pooling_heads(ops.cast(base_attn, self.compute_dtype))
-            extra.append(ops.transpose(base, (0, 3, 1, 2)))
-        if "c2c" in self.mode:
-            tensors["c2c_q"], tensors["c2c_k"] = q, k
-        if self.use_head_bias:
-            bias = ops.cast(self.head_bias[first:], self.compute_dtype)
-            if "c2c" in self.mode and not banded:  # in the c2c matmul: one pass less
-                tensors["c2c_q"] = ops.concatenate([q, ops.zeros_like(q[..., :1]) + bias[:, None]],
-                                                   -1)
-                tensors["c2c_k"] = ops.concatenate([k, ops.ones_like(k[..., :1])], -1)
-            else:
-                extra.append(bias[:, None, None])
-        tensors.update((f"extra{i}", term) for i, term in enumerate(extra))
-        terms = band = None
-        if position is not None:  # the table scores, once for every block
-            tables, offsets, no_position_mask = position
-            pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
-            terms, found = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
-                                          output="bhqk", buckets=self.position_buckets)
-            scores = terms.score_names()
-            tensors.update((name, found[name]) for name in scores)
-            constants.update((name, t) for name, t in found.items() if name not in scores)
-        rows = _blockwise.band_rows(terms.n_positions, terms.n_keys) if banded else None
-        blocks = _blockwise.query_blocks(q, k, self.n_heads, rows)
-        recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
-        if banded:
-            band = self._band(terms, q, k, pos_q, pos_k, blocks, tensors)
-        rate, dropout = 0.0, None
-        if dropout_in_training:
-            if len(blocks) > 1:  # one draw per call, each block's mask a function of it
-                rate, constants["seed"] = self.dropout_p, _blockwise.draw_seed(
-                    self._dropout_layer.seed_generator)
-            else:
-                dropout = lambda weights: self._dropout(weights, training)  # noqa: E731
-        config._record(config.BlockPlan(_checks.shape_of(q)[1], len(blocks), recompute,
-                                        None if band is None else band.width))
-        step = _blockwise.BlockStep(c2c="c2c" in self.mode, positions=terms,
-                                    n_extra=len(extra), masked=attend_mask is not None,
-                                    dropout_rate=rate, band=band)
-        pooled = _blockwise.pooled(step, tensors, constants, blocks, recompute, dropout)
-        return self._merge_heads(pooled)
-
-    def _band(self, terms, q, k, pos_q, pos_k, blocks, tensors):
-        """The `_blockwise.Band` of token-index positions (None where it would
-        cover every key), and its edge scores added to `tensors`: each
-        query's and key's score against the table's first and last rows."""
-        rows = blocks[0].stop if blocks[0].stop is not None else terms.n_queries
-        band = _blockwise.band_for(terms.n_positions, rows - (blocks[0].start or 0),
-                                   terms.n_keys, terms.buckets)
-        if band is None:
-            return None
-        edges = (band.row_below, band.row_above)
-        if pos_k is not None:  # (batch, heads, queries, 2)
-            table = ops.stack([pos_k[e, 0] for e in edges], 0)
-            tensors["edge_c2p"] = ops.einsum("bqhd,ehd->bhqe", q, table)
-        if pos_q is not None:  # (batch, heads, 2, keys), and the rows (2, heads, d)
-            table = ops.stack([pos_q[e, 0] for e in edges], 0)
-            tensors["edge_p2c"] = ops.einsum("ehd,bkhd->bhek", table, k)
-            tensors["edge_qp"] = table
-        return band
-
-    def _pooling_heads(self, base):
-        """`base_attn` `(batch, queries, keys, heads or 1)` for the pooling
-        heads only. A heads axis of 1 broadcasts; one of unknown size (a
-        trace) may be 1 at run time, so it is broadcast to every head before
-        the additional ones are dropped, never sliced blind."""
-        first = self.n_additional_heads
-        heads = _checks.shape_of(base)[-1]
-        if first == 0 or heads == 1:
-            return base
-        if heads is None:
-            base = base + ops.zeros((self.total_heads,), base.dtype)
-        return base[..., first:]
 
     def _input_dropout(self, x, training):
         """edspdf's dropout of the raw inputs and table (none with DeBERTa's

@@ -96,25 +96,25 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         num_heads (int): attention heads.
         dropout_p (float): dropout of the attention and of the residual
             branches.
-        head_size (int): size of each attention head (default
+        head_size (int | None): size of each attention head (default
             `input_size // num_heads`).
-        activation: `"gelu"` (exact, as torch's: edspdf's default),
+        activation (str | callable): `"gelu"` (exact, as torch's: edspdf's default),
             `"gelu_tanh"` (its tanh approximation), or any Keras activation
             (`"relu"`, `"silu"`, a registered function).
         init_resweight (float): initial value of the residual gates.
-        attention_mode: terms of the attention, see `RelativeAttention`.
-        position_embedding: optional `(n_positions, position_size)` array, the
+        attention_mode (tuple[str, ...]): terms of the attention, see `RelativeAttention`.
+        position_embedding (array | None): `(n_positions, position_size)`, the
             attention's own table.
-        n_coordinates (int): coordinates of a relative position; by default 2
+        n_coordinates (int | None): coordinates of a relative position; by default 2
             (edspdf's layer always uses 2), or 1 with `sequence_positions`.
-        position_embedding_shape: optional, as in `RelativeAttention`; use
+        position_embedding_shape (tuple | None): as in `RelativeAttention`; use
             `(None, position_size)` to pass a shared table at call time.
         position_embedding_trainable (bool): whether an owned table trains.
         sequence_positions (bool): the positions are each token's index (text,
             `n_coordinates=1`): the attention forms them itself, and the
             stack takes no positions input (see `RelativeAttention`).
         layer_norm_epsilon (float): default 1e-5 as `torch.nn.LayerNorm`.
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs (dict): other `keras.layers.Layer` arguments.
 
     Call arguments:
         - `embeds`: `(batch, length, input_size)`.
@@ -134,7 +134,7 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
             long inputs in bounded memory): the way to run a stack.
 
     Returns:
-        `(embeds, attention_logits)`: `(batch, length, input_size)` and
+        Tensor | tuple: `(embeds, attention_logits)`: `(batch, length, input_size)` and
         `(batch, length, length, num_heads)`; `embeds` alone with
         `return_logits=False`.
 
@@ -250,6 +250,30 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
         positions=None,
         embeds_mask=None,
     ):
+        """The attention and feed-forward block.
+
+        Args:
+            embeds (Tensor): `(batch, length, input_size)`.
+            mask (Tensor | None): `(batch, length)` bool, True = a real
+                element; by default the embeddings' Keras mask, else all.
+            relative_positions (Tensor | None): integer `(batch or 1, length,
+                length, n_coordinates)`.
+            no_position_mask (Tensor | None): bool `(batch or 1, length,
+                length)`.
+            position_embedding (Tensor | None): a table shared at call time.
+            training (bool | None): whether dropout is active.
+            return_logits (bool): True: `(embeds, logits)`; False: the
+                embeddings alone, through the attention's pooled path.
+            positions (Tensor | None): integer `(batch or 1, length,
+                n_coordinates)`, each token's coordinates, instead of
+                `relative_positions`.
+            embeds_mask (Tensor | None): the embeddings' Keras mask, filled
+                in by Keras.
+
+        Returns:
+            Tensor | tuple: `(batch, length, input_size)`, with the logits
+            `(batch, length, length, num_heads)` when `return_logits`.
+        """
         if mask is None:
             mask = embeds_mask
         attended = self.attention(

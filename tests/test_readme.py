@@ -129,19 +129,66 @@ def test_readme_is_a_short_path():
     assert len(readme().splitlines()) <= 150
 
 
-def test_the_site_builds_strictly(tmp_path):
-    """`mkdocs build --strict`: a broken reference, link or docstring fails."""
+def prose_of(markdown):
+    """A page's text outside code blocks and code spans."""
+    markdown = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return re.sub(r"`[^`\n]*`", "", markdown)
+
+
+def test_prose_writes_no_power_markdown_would_bold():
+    """`2**23` outside code renders "2" + bold "23"... (Markdown's `**`)."""
+    for document in DOCUMENTS:
+        found = re.findall(r"\w\*\*\w", prose_of(text_of(document)))
+        assert not found, (document, found)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the site is built from the sources "
+                    "(mkdocstrings reads them without importing): once, in the TensorFlow run")
+def test_the_site_builds_strictly_and_reads_right(tmp_path):
+    """`mkdocs build --strict` (a broken reference, link or docstring fails),
+    then what a reader meets: install and a quick start on the home page,
+    `RelativeAttention.call` in the reference, a type on every parameter and
+    return row, no private names, guides with sections."""
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for page in ("index.html", "api/relative_attention/index.html", "guides/keras/index.html"):
+    for page in ("index.html", "api/relative_attention/index.html", "guides/keras/index.html",
+                 "guides/deberta/index.html"):
         assert (tmp_path / page).exists(), page
+    def read(page):  # the text a reader sees, code highlighting's tags dropped
+        return re.sub(r"<[^>]+>", "", (tmp_path / page).read_text())
+
+    home = read("index.html")
+    assert "pip install" in home and "sequence_positions" in home
+    assert "pip install torch" in read("install/index.html")
     reference = (tmp_path / "api" / "relative_attention" / "index.html").read_text()
-    assert "position_embedding_shape" in reference and "query_positions" in reference
+    assert 'id="keras_relattn.RelativeAttention.call"' in reference
+    assert "query_positions" in reference and "position_embedding_shape" in reference
+    untyped = []
+    for page in sorted((tmp_path / "api").glob("*/index.html")):
+        html = page.read_text()
+        assert "Bases:" not in html, page
+        items = re.findall(r'<li class="doc-section-item[^"]*">(.*?)</li>', html, re.S)
+        assert items, page
+        for item in items:
+            # "name (type) – text" for an argument, "type – text" for a return
+            head = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", item.split("–")[0])).strip()
+            named = re.match(r"^(\*{0,2}\w+)( \(.+\))?$", head)
+            if not head or (named and not named.group(2) and "<b>" in item.split("–")[0]
+                            and not named.group(1).startswith("*")):
+                untyped.append((page.parent.name, head or item[:80]))
+    assert not untyped, untyped
+    performance = (tmp_path / "performance" / "index.html").read_text()
+    assert not re.search(r"\b_(kernels|blockwise|backend)\b", performance)
+    for guide in sorted((tmp_path / "guides").glob("*/index.html")):
+        assert len(re.findall(r"<h2 ", guide.read_text())) >= 2, guide  # sections
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the demo is the README's first command, "
+                    "on the default backend (TensorFlow); the layer runs on every backend in "
+                    "the other modules")
 def test_demo_prints_its_own_lines_only():
     """`keras-relattn-demo` (the module behind it): no TensorFlow start-up
     notices around them."""
