@@ -7,12 +7,17 @@ import runpy
 import subprocess
 import sys
 
+import pytest
+
 from helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "digits.py")
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the example's shortened run is executed "
+                    "on the default backend (TensorFlow) only, as the tour notebook; the layer "
+                    "itself is tested on every backend by the other modules")
 def test_the_digits_example_runs_shortened(tmp_path):
     done = subprocess.run(
         [sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)], cwd=ROOT,
