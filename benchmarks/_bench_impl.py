@@ -451,7 +451,7 @@ def _long_inputs(system, length):
         return x, mask, positions.sequence_relative_positions(length)
     if system == "ours_tokens":
         return x, mask, positions.sequence_positions(length)
-    if system == "deberta_model":  # DeBERTa-v3's width of the small model: 64
+    if system in DEBERTA_MODELS:  # DeBERTa-v3's width of the small model: 64
         x = keras.ops.convert_to_tensor(rng.normal(size=(1, length, 64)).astype("float32"))
         return x, mask
     if system == "box_transformer":  # one page of `length` lines, 40 to a column
@@ -478,8 +478,8 @@ def _long_call(system, backward):
         layer = BoxTransformer(SIZE, num_heads=HEADS, n_relative_positions=POSITIONS,
                                n_layers=1)
         return layer, lambda x, mask, boxes: ((x, boxes), dict(mask=mask))
-    if system == "deberta_model":
-        layer = _DebertaLayers()
+    if system in DEBERTA_MODELS:
+        layer = DEBERTA_MODELS[system]()
         return layer, lambda x, mask: ((x, mask), {})
     if system == "ours_sequence":  # token indices formed inside: the banded path
         layer = RelativeAttention(SIZE, HEADS, position_embedding_shape=(POSITIONS, SIZE),
@@ -519,6 +519,63 @@ class _DebertaLayers(keras.layers.Layer):
             hidden = keras.activations.gelu(block["intermediate"](x), approximate=False)
             x = block["output_norm"](x + block["output"](hidden))
         return x
+
+
+class _KerasHubDebertaLayers(keras.layers.Layer):
+    """The same 2 layers in KerasHub's DeBERTa-v3 (`DisentangledAttentionEncoder`
+    and its `RelativeEmbedding`, as `DebertaV3Backbone` builds them)."""
+
+    def __init__(self):
+        super().__init__()
+        from keras_hub.src.models.deberta_v3.disentangled_attention_encoder import (
+            DisentangledAttentionEncoder,
+        )
+        from keras_hub.src.models.deberta_v3.relative_embedding import RelativeEmbedding
+
+        self.table = RelativeEmbedding(hidden_dim=64, bucket_size=256, layer_norm_epsilon=1e-7)
+        self.blocks = [
+            DisentangledAttentionEncoder(num_heads=4, intermediate_dim=256,
+                                         max_position_embeddings=512, bucket_size=256,
+                                         dropout=0.0, activation=keras.activations.gelu,
+                                         layer_norm_epsilon=1e-7)
+            for _ in range(2)
+        ]
+
+    def call(self, x, mask):
+        table = self.table(x)
+        for block in self.blocks:
+            x = block(x, rel_embeddings=table, padding_mask=mask)
+        return x
+
+
+class _TransformersDebertaLayers(keras.layers.Layer):
+    """The same 2 layers in Hugging Face's `DebertaV2Encoder` (torch only;
+    Keras tracks the torch module's parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        if BACKEND != "torch":
+            raise ValueError("the transformers_deberta system runs on the torch backend")
+        from transformers import DebertaV2Config
+        from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder
+
+        self.encoder = DebertaV2Encoder(DebertaV2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+            relative_attention=True, position_buckets=256, max_relative_positions=-1,
+            max_position_embeddings=512, pos_att_type=["p2c", "c2p"],
+            position_biased_input=False, share_att_key=True, norm_rel_ebd="layer_norm",
+            type_vocab_size=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    def call(self, x, mask):
+        out = self.encoder(x, keras.ops.cast(mask, "int32"), output_hidden_states=False)
+        return out.last_hidden_state
+
+
+DEBERTA_MODELS = {
+    "deberta_model": _DebertaLayers,
+    "keras_hub_deberta": _KerasHubDebertaLayers,
+    "transformers_deberta": _TransformersDebertaLayers,
+}
 
 
 def _train_step(layer, arguments, compiled=False):
@@ -625,12 +682,13 @@ def run_long(args):
           f"{' (trainable)' if args.backward else ''}; each point in its own process; "
           "memory includes the inputs (ours: (1, n, n, 1) offsets; ours_tokens: (1, n, 1) "
           "positions)")
-    print(f"{'length':>7} {'system':12} {'ms':>9} {'peak RSS +MiB':>14}")
+    print(f"{'length':>7} {'system':20} {'ms':>9} {'peak RSS +MiB':>14}")
     points = {}
     for length in lengths:
         for system in args.long_systems.split(","):
-            if system == "keras_mha" and length > args.long_mha_max:
-                print(f"{length:7} {system:12} skipped (its (1, 4, n, n) tensors alone: "
+            if (system in ("keras_mha", "keras_hub_deberta", "transformers_deberta")
+                    and length > args.long_mha_max):
+                print(f"{length:7} {system:20} skipped (its (1, 4, n, n) tensors alone: "
                       f"{4 * 4 * length**2 / 2**30:.0f} GiB each)")
                 continue
             code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import _bench_impl as b; "
@@ -639,18 +697,25 @@ def run_long(args):
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["killed"])[-1]
-                print(f"{length:7} {system:12} failed: {last}")
+                print(f"{length:7} {system:20} failed: {last}")
                 continue
             ms, peak = json.loads(done.stdout.strip().splitlines()[-1])
             points.setdefault(system, {})[length] = {"ms": ms, "peak_bytes": peak}
-            print(f"{length:7} {system:12} {ms:9.1f} {peak / 2**20:14.1f}", flush=True)
+            print(f"{length:7} {system:20} {ms:9.1f} {peak / 2**20:14.1f}", flush=True)
     for length in lengths:
         mha = points.get("keras_mha", {}).get(length)
         for system in ("ours", "ours_tokens", "box_transformer"):
             ours = points.get(system, {}).get(length)
             if mha and ours:
-                print(f"{length:7} {system:12} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "
+                print(f"{length:7} {system:20} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "
                       f"memory {ours['peak_bytes'] / max(mha['peak_bytes'], 1):.2f}x")
+    for length in lengths:
+        ours = points.get("deberta_model", {}).get(length)
+        for peer in ("keras_hub_deberta", "transformers_deberta"):
+            theirs = points.get(peer, {}).get(length)
+            if ours and theirs:
+                print(f"{length:7} deberta_model / {peer}: time {ours['ms'] / theirs['ms']:.2f}x, "
+                      f"memory {ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}x")
     mode = "long_backward" if args.backward else "long"
     return {"backend": BACKEND, "mode": mode + ("_compiled" if args.long_compiled else ""),
             "points": points}

@@ -51,14 +51,18 @@ def parse(argv):
     p.add_argument("--long-systems", default="ours,ours_tokens,keras_mha",
                    help="of ours (n x n offsets), ours_tokens (per-token positions), keras_mha, "
                         "box_transformer (a 1-layer BoxTransformer over one page of n lines: "
-                        "its box offsets are formed per block)")
+                        "its box offsets are formed per block), deberta_model (2 DeBERTa-v3 "
+                        "layers, hidden 64, on keras_relattn.deberta), keras_hub_deberta and "
+                        "transformers_deberta (the same layers in KerasHub and, on torch, "
+                        "Hugging Face)")
     p.add_argument("--long-compiled", action="store_true",
                    help="with --long --backward: the step compiled by XLA (jax.jit, "
                         "tf.function(jit_compile=True)), its first call measured (the compiler's "
                         "own memory included)")
     p.add_argument("--long-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--long-mha-max", type=int, default=8192,
-                   help="longest length run for Keras MHA in --long (it holds n x n)")
+                   help="longest length run for the systems that hold (n, n) tensors in --long: "
+                        "Keras MHA, KerasHub's and Hugging Face's DeBERTa")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="PNG: time vs length, log-log")
     p.add_argument("--plot-lengths", default="64,128,256,512,1024")
