@@ -704,7 +704,7 @@ def run_long(args):
             print(f"{length:7} {system:20} {ms:9.1f} {peak / 2**20:14.1f}", flush=True)
     for length in lengths:
         mha = points.get("keras_mha", {}).get(length)
-        for system in ("ours", "ours_tokens", "box_transformer"):
+        for system in ("ours", "ours_tokens", "ours_sequence", "box_transformer"):
             ours = points.get(system, {}).get(length)
             if mha and ours:
                 print(f"{length:7} {system:20} / keras_mha: time {ours['ms'] / mha['ms']:.2f}x, "
