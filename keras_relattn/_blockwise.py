@@ -79,8 +79,9 @@ class BlockStep:
     `positions`, their table scores (`PositionTerms.score_names`) and, as
     constants, their offsets and no-position factor; `extra0`, `extra1`, ...
     (`n_extra` terms broadcastable to `(batch, heads, queries, keys)`); the
-    constants `attend` (bool, broadcastable to the logits) when `masked`,
-    and `seed` (int32) when `dropout_rate` is drawn from it.
+    constants `attend` (bool, broadcastable to the logits) when `masked`
+    (`keys_only_mask`: the same for every query and head), and `seed`
+    (int32) when `dropout_rate` is drawn from it.
     """
 
     c2c: bool
@@ -89,6 +90,7 @@ class BlockStep:
     masked: bool
     dropout_rate: float
     band: Optional["Band"] = None
+    keys_only_mask: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +194,8 @@ def fused_band(step, rows, tensors, constants):
     bias); the band's logits built here. None where that does not apply: a
     backend without the kernel, a traced block, no c2c term, dropout, or a
     mask that is not one of keys."""
-    attend_mask = constants.get("attend")
     if (not step.c2c or isinstance(rows, BlockRows) or step.dropout_rate
-            or not _backend.get().attends_in_parts()
-            or (attend_mask is not None and _checks.shape_of(attend_mask)[1:3] != (1, 1))):
+            or not step.keys_only_mask or not _backend.get().attends_in_parts()):
         return None
     terms, band = step.positions, step.band
     n_keys = terms.n_keys
@@ -215,7 +215,7 @@ def fused_band(step, rows, tensors, constants):
         shift = take_rows(tensors["edge_c2p"], 2, rows)[..., edge] if "c2p" in terms.terms \
             else ops.zeros_like(ops.transpose(q[..., 0], (0, 2, 1)))
         shifts.append(shift + bias)
-    key_mask = None
+    key_mask, attend_mask = None, constants.get("attend")
     if attend_mask is not None:
         batch = ops.shape(q)[0]
         key_mask = ops.broadcast_to(attend_mask, (batch, 1, 1, n_keys))[:, 0, 0]

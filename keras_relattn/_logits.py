@@ -9,7 +9,7 @@ backward pass recomputes.
 import numpy as np
 from keras import ops
 
-from keras_relattn import _backend
+from keras_relattn import _backend, _checks
 
 # edspdf *replaces* masked logits by this value before the softmax (it does
 # not add it). It is representable in float16 and bfloat16, and the softmax
@@ -83,6 +83,29 @@ class LogitSum:
         if self._terms["bqkh"]:
             return ops.transpose(self.bqkh(), (0, 3, 1, 2))
         return self._bhqk_sum()
+
+
+def combine_masks(mask, key_mask, values_mask):
+    """The layer's masks as one bool tensor broadcastable to `(batch, heads,
+    queries, keys)` (None without any), and whether it masks keys only
+    (the same for every query and head): decided from the masks' ranks,
+    never from a dimension a trace may not know."""
+    attend_mask, keys_only = None, True
+    for m in (key_mask, values_mask):
+        if m is not None:
+            m = _checks.as_bool(m)[:, None, None, :]
+            attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
+    if mask is not None:
+        m = _checks.as_bool(mask)
+        keys_only = len(m.shape) == 2
+        if len(m.shape) == 2:
+            m = m[:, None, None, :]
+        elif len(m.shape) == 3:
+            m = m[:, None]
+        else:  # (b, q, k, pooling heads)
+            m = ops.transpose(m, (0, 3, 1, 2))
+        attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
+    return attend_mask, keys_only
 
 
 def attend(logits, values, attend_mask=None, dropout=None, in_place=False):

@@ -164,6 +164,22 @@ def token_offsets(query_positions, key_positions):
     })
 
 
+def sequence_offsets(queries, keys):
+    """`FormedOffsets` of token indices (`sequence_positions=True`): each
+    token of `queries` and `keys` `(batch, tokens, features)` numbered 0, 1,
+    ... in its sequence."""
+    return token_offsets(*(ops.arange(ops.shape(x)[1], dtype="int32")[None, :, None]
+                           for x in (queries, keys)))
+
+
+def default_key_positions(queries, keys, query_positions, key_positions):
+    """`key_positions`, which default to `query_positions` when the keys are
+    the queries (no keys given, or the same tensor)."""
+    if key_positions is None and (keys is None or keys is queries):
+        return query_positions
+    return key_positions
+
+
 def box_offsets(boxes, n_relative_positions, dtype):
     """`FormedOffsets` of edspdf's `BoxTransformerModule`: the offsets of the
     boxes of each page, with a leading token (the CLS) without position

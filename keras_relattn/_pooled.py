@@ -11,11 +11,12 @@ from keras_relattn import _blockwise, _checks, config
 from keras_relattn._position_terms import position_terms
 
 
-def pooled_only(self, q, k, values, position, base_attn, attend_mask, training):
+def pooled_only(self, q, k, values, position, base_attn, attend_mask, keys_only, training):
     """The pooled output alone (`return_logits=False`): the pooling heads
     only, in `(batch, heads, queries, keys)`, through `_blockwise.pooled`
     (blocks of queries for long inputs, recomputed in training; with
-    `sequence_positions`, the banded path where it applies)."""
+    `sequence_positions`, the banded path where it applies). `keys_only`:
+    `attend_mask` masks keys only (`_logits.combine_masks`)."""
     first = self.n_additional_heads
     q, k = q[:, :, first:], k[:, :, first:]
     dropout_in_training = bool(training) and self._dropout_layer is not None
@@ -63,6 +64,7 @@ def pooled_only(self, q, k, values, position, base_attn, attend_mask, training):
                                     None if band is None else band.width))
     step = _blockwise.BlockStep(c2c="c2c" in self.mode, positions=terms,
                                 n_extra=len(extra), masked=attend_mask is not None,
+                                keys_only_mask=keys_only,
                                 dropout_rate=rate, band=band)
     pooled = _blockwise.pooled(step, tensors, constants, blocks, recompute, dropout)
     return self._merge_heads(pooled)

@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_relattn import _checks, _offsets, _pooled
 from keras_relattn._calling import KeywordCallArguments
-from keras_relattn._logits import LogitSum, attend
+from keras_relattn._logits import LogitSum, attend, combine_masks
 from keras_relattn._position_terms import position_terms
 from keras_relattn._weights import AttentionWeights
 
@@ -321,7 +321,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             n_queries, size)`; `logits`: `(batch, n_queries, n_keys, n_heads
             + n_additional_heads)`.
         """
-        key_positions = _default_key_positions(
+        key_positions = _offsets.default_key_positions(
             content_queries, content_keys, query_positions, key_positions
         )
         given = (content_queries, content_keys, content_values, mask, relative_positions,
@@ -335,11 +335,10 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         keys = queries if keys is None else keys
         if self._statically_empty(queries, keys):
             return self._empty_outputs(queries, keys, values, return_logits)
-        attend_mask = self._combine_masks(inputs["mask"], key_mask, content_values_mask)
+        attend_mask, keys_only = combine_masks(inputs["mask"], key_mask, content_values_mask)
         offsets = inputs["relative_positions"]
         if self.sequence_positions:  # token indices: the offsets formed block by block
-            offsets = _offsets.token_offsets(*(ops.arange(ops.shape(x)[1], dtype="int32")[
-                None, :, None] for x in (queries, keys)))
+            offsets = _offsets.sequence_offsets(queries, keys)
         elif inputs["query_positions"] is not None:  # offsets formed block by block
             offsets = _offsets.token_offsets(inputs["query_positions"], inputs["key_positions"])
         use_positions = offsets is not None and self._has_position_terms
@@ -351,7 +350,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             position = (tables, offsets, inputs["no_position_mask"])
         if not return_logits:
             return _pooled.pooled_only(self, q, k, values, position, inputs["base_attn"],
-                                       attend_mask, training)
+                                       attend_mask, keys_only, training)
         logits = self._logits(q, k, position, inputs["base_attn"])
         if values is None:
             return logits.bqkh()
@@ -481,24 +480,6 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         pooled = ops.zeros((batch, n_queries, self.size), self.compute_dtype)
         return (pooled, logits) if return_logits else pooled
 
-    def _combine_masks(self, mask, key_mask, values_mask):
-        """All masks as one bool tensor broadcastable to (b, heads, q, k)."""
-        attend_mask = None
-        for m in (key_mask, values_mask):
-            if m is not None:
-                m = _checks.as_bool(m)[:, None, None, :]
-                attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
-        if mask is not None:
-            m = _checks.as_bool(mask)
-            if len(m.shape) == 2:
-                m = m[:, None, None, :]
-            elif len(m.shape) == 3:
-                m = m[:, None]
-            else:  # (b, q, k, pooling heads)
-                m = ops.transpose(m, (0, 3, 1, 2))
-            attend_mask = m if attend_mask is None else ops.logical_and(attend_mask, m)
-        return attend_mask
-
     # ------------------------------------------------------- keras plumbing
     def compute_output_shape(
         self,
@@ -523,7 +504,7 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         # Same checks as `call`, so that symbolic models fail when built.
         kwargs.update(zip(_CHECKED_CALL_ARGUMENTS, args))
         return_logits = kwargs.get("return_logits", True)
-        kwargs["key_positions"] = _default_key_positions(
+        kwargs["key_positions"] = _offsets.default_key_positions(
             content_queries, content_keys, kwargs.get("query_positions"),
             kwargs.get("key_positions"),
         )
@@ -609,11 +590,3 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             }
         )
         return config
-
-
-def _default_key_positions(queries, keys, query_positions, key_positions):
-    """`key_positions`, which default to `query_positions` when the keys are
-    the queries (no keys given, or the same tensor)."""
-    if key_positions is None and (keys is None or keys is queries):
-        return query_positions
-    return key_positions
