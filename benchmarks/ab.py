@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 
+from _relaunch import on_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -61,9 +63,9 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    if args.backend and os.environ.get("KERAS_BACKEND") != args.backend:
-        env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
-        return subprocess.call([sys.executable, os.path.abspath(__file__), *argv], env=env)
+    code = on_backend(args.backend, __file__, argv)
+    if code is not None:
+        return code
     folder = tempfile.mkdtemp(prefix="relattn_ab_")
     export_base(args.base, folder)
     sys.path.insert(0, folder)

@@ -26,8 +26,9 @@ Pick the backend with `--backend` (the run re-executes itself with
 
 import argparse
 import os
-import subprocess
 import sys
+
+from _relaunch import on_backend
 
 
 def parse(argv):
@@ -73,9 +74,9 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    if args.backend and os.environ.get("KERAS_BACKEND") != args.backend:
-        env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
-        return subprocess.call([sys.executable, os.path.abspath(__file__), *argv], env=env)
+    code = on_backend(args.backend, __file__, argv)
+    if code is not None:
+        return code
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _bench_impl  # after the backend is fixed: it imports keras
 

@@ -10,10 +10,11 @@ call (docs/performance.md, "Page faults").
 
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+from _relaunch import on_backend
 
 
 def main():
@@ -21,9 +22,9 @@ def main():
     parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    if os.environ.get("KERAS_BACKEND") != args.backend:
-        env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
-        return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+    code = on_backend(args.backend, __file__, sys.argv[1:])
+    if code is not None:
+        return code
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
     from _bench_impl import WORKLOADS, build_ours, make_data, time_interleaved

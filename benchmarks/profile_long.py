@@ -14,9 +14,10 @@ benchmarks/profile_long_<backend>.txt; docs/performance.md reads them.
 
 import argparse
 import os
-import subprocess
 import sys
 import time
+
+from _relaunch import on_backend
 
 
 def parse(argv):
@@ -133,10 +134,9 @@ def tensorflow_gathers(length):
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("KERAS_BACKEND") != args.backend:
-        env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="2")
-        return subprocess.call([sys.executable, os.path.abspath(__file__),
-                                *(argv if argv is not None else sys.argv[1:])], env=env)
+    code = on_backend(args.backend, __file__, argv if argv is not None else sys.argv[1:])
+    if code is not None:
+        return code
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
 
