@@ -14,7 +14,12 @@ Paths (`--paths`):
 - `eager`: W1-W3 pooled, eagerly (JAX and TensorFlow; torch is eager above);
 - `model`: `train_on_batch` of a 2-block `RelativeTransformerLayer` model, W2;
 - `long`: one forward + backward of the pooled output at `--long-length`
-  tokens (batch 1, per-token positions, trainable table), eagerly.
+  tokens (batch 1, per-token positions, trainable table), eagerly;
+- `banded`: the same with `sequence_positions=True` (the banded path, edspdf's
+  clamped 64-row table);
+- `deberta`: the banded path configured as DeBERTa-v3's attention (tied
+  projections, log buckets (256, 512) of a 512-row table, no head bias).
+  With `--long-compiled`, these three run compiled by XLA (JAX, TensorFlow).
 """
 
 import argparse
@@ -52,11 +57,14 @@ def parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the git commit to compare with")
     p.add_argument("--backend", choices=["tensorflow", "jax", "torch"])
-    p.add_argument("--paths", default="pooled,backward,full,eager,model,long")
+    p.add_argument("--paths", default="pooled,backward,full,eager,model,long,banded,deberta")
     p.add_argument("--workloads", default="W1,W2,W3")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--torch-compile", action="store_true")
     p.add_argument("--long-length", type=int, default=4096)
+    p.add_argument("--long-compiled", action="store_true",
+                   help="the long paths compiled by XLA (jax.jit, tf.function(jit_compile=True));"
+                        " torch stays eager")
     return p.parse_args(argv)
 
 
@@ -146,32 +154,45 @@ def main(argv=None):
         report("model", "W2", {name: (lambda m=m: m.train_on_batch([x, rel], y))
                                for name, m in models.items()})
 
-    if "long" in paths:
+    long_paths = {  # the layer's options, and whether it is given per-token positions
+        "long": (dict(position_embedding_shape=(bench.POSITIONS, bench.SIZE)), True),
+        "banded": (dict(position_embedding_shape=(bench.POSITIONS, bench.SIZE),
+                        sequence_positions=True), False),
+        "deberta": (dict(position_embedding_shape=(512, bench.SIZE), sequence_positions=True,
+                         tied_position_projections=True, position_buckets=(256, 512),
+                         head_bias=False), False),
+    }
+    for path, (options, per_token) in long_paths.items():
+        if path not in paths:
+            continue
         n = args.long_length
         x = rng.normal(size=(1, n, bench.SIZE)).astype("float32")
-        positions = np.arange(n, dtype="int32")[None, :, None]
+        positions = np.arange(n, dtype="int32")[None, :, None] if per_token else None
         made = {}
         for name, package in packages.items():
             made[name] = package.RelativeAttention(
-                bench.SIZE, bench.HEADS, position_embedding_shape=(bench.POSITIONS, bench.SIZE),
-                position_embedding_trainable=True)
+                bench.SIZE, bench.HEADS, position_embedding_trainable=True, **options)
             made[name].build()
         made["base"].set_weights(made["new"].get_weights())
-        runners = {name: _long_step(layer, x, positions, backend)
+        compiled = args.long_compiled and backend != "torch"
+        runners = {name: _long_step(layer, x, positions, backend, compiled)
                    for name, layer in made.items()}
         medians = bench.time_interleaved(runners, max(2, args.repeats // 3), warmup=1, block=1)
-        print(f"{'long':10} {n:<9} {medians['new']:9.1f} {medians['base']:9.1f} "
+        print(f"{path:10} {n:<9} {medians['new']:9.1f} {medians['base']:9.1f} "
               f"{medians['new'] / medians['base']:9.2f}", flush=True)
     return 0
 
 
-def _long_step(layer, x, positions, backend):
-    """One eager forward + backward of the pooled output (gradients of every
-    trainable weight and of the input)."""
+def _long_step(layer, x, positions, backend, compiled=False):
+    """One forward + backward of the pooled output (gradients of every
+    trainable weight and of the input), eager or `compiled` by XLA (JAX,
+    TensorFlow); `positions` per token, or None (the layer forms its own)."""
     import keras
 
     def loss(out):
         return keras.ops.sum(out)
+
+    given = {} if positions is None else {"query_positions": positions}
 
     if backend == "jax":
         import jax
@@ -180,10 +201,10 @@ def _long_step(layer, x, positions, backend):
         ntv = [v.value for v in layer.non_trainable_variables]
 
         def of(x, tv):
-            return loss(layer.stateless_call(tv, ntv, x, x, x, query_positions=positions,
-                                             return_logits=False)[0])
+            return loss(layer.stateless_call(tv, ntv, x, x, x, return_logits=False, **given)[0])
 
         grad = jax.grad(of, argnums=(0, 1))
+        grad = jax.jit(grad) if compiled else grad
         return lambda: jax.block_until_ready(grad(x, trainable))
     if backend == "tensorflow":
         import tensorflow as tf
@@ -193,17 +214,17 @@ def _long_step(layer, x, positions, backend):
         def run():
             with tf.GradientTape() as tape:
                 tape.watch(xt)
-                value = loss(layer(xt, xt, xt, query_positions=positions, return_logits=False))
+                value = loss(layer(xt, xt, xt, return_logits=False, **given))
             return tape.gradient(value, [xt] + [v.value for v in layer.trainable_variables])
 
-        return run
+        return tf.function(run, jit_compile=True) if compiled else run
     import torch
 
     xt = torch.tensor(x, requires_grad=True)
 
     def run():
         xt.grad = None
-        loss(layer(xt, xt, xt, query_positions=positions, return_logits=False)).backward()
+        loss(layer(xt, xt, xt, return_logits=False, **given)).backward()
 
     return run
 

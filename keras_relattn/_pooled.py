@@ -40,19 +40,23 @@ def pooled_only(self, q, k, values, position, base_attn, attend_mask, keys_only,
             extra.append(bias[:, None, None])
     tensors.update((f"extra{i}", term) for i, term in enumerate(extra))
     terms = band = None
-    if position is not None:  # the table scores, once for every block
+    n_keys = _checks.shape_of(k)[1]
+    if position is not None:
         tables, offsets, no_position_mask = position
         pos_q, pos_k = (None if t is None else t[:, :, first:] for t in tables)
-        terms, found = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
-                                      output="bhqk", buckets=self.position_buckets)
-        scores = terms.score_names()
-        tensors.update((name, found[name]) for name in scores)
-        constants.update((name, t) for name, t in found.items() if name not in scores)
-    rows = _blockwise.band_rows(terms.n_positions, terms.n_keys) if banded else None
+        n_positions = _checks.shape_of(pos_k if pos_k is not None else pos_q)[0]
+    rows = _blockwise.band_rows(n_positions, n_keys) if banded else None
     blocks = _blockwise.query_blocks(q, k, self.n_heads, rows)
     recompute = len(blocks) > 1 and _blockwise.recomputes(q, k, self.n_heads)
     if banded:
-        band = _band(self, terms, q, k, pos_q, pos_k, blocks, tensors)
+        band = _band(self, n_positions, n_keys, q, k, pos_q, pos_k, blocks, tensors)
+    if position is not None:  # the table scores: once for every block, or each band's own
+        terms, found = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
+                                      output="bhqk", buckets=self.position_buckets,
+                                      per_block=band is not None)
+        scores = terms.score_names()
+        tensors.update((name, found[name]) for name in scores)
+        constants.update((name, t) for name, t in found.items() if name not in scores)
     rate, dropout = 0.0, None
     if dropout_in_training:
         if len(blocks) > 1:  # one draw per call, each block's mask a function of it
@@ -70,13 +74,16 @@ def pooled_only(self, q, k, values, position, base_attn, attend_mask, keys_only,
     return self._merge_heads(pooled)
 
 
-def _band(self, terms, q, k, pos_q, pos_k, blocks, tensors):
+def _band(self, n_positions, n_keys, q, k, pos_q, pos_k, blocks, tensors):
     """The `_blockwise.Band` of token-index positions (None where it would
-    cover every key), and its edge scores added to `tensors`: each
-    query's and key's score against the table's first and last rows."""
-    rows = blocks[0].stop if blocks[0].stop is not None else terms.n_queries
-    band = _blockwise.band_for(terms.n_positions, rows - (blocks[0].start or 0),
-                               terms.n_keys, terms.buckets)
+    cover every key, or a size is not known), and its edge scores added to
+    `tensors`: each query's and key's score against the table's first and
+    last rows."""
+    rows = blocks[0].stop if blocks[0].stop is not None else _checks.shape_of(q)[1]
+    if rows is None:
+        return None
+    band = _blockwise.band_for(n_positions, rows - (blocks[0].start or 0), n_keys,
+                               self.position_buckets)
     if band is None:
         return None
     edges = (band.row_below, band.row_above)

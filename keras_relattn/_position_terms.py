@@ -72,15 +72,43 @@ class PositionTerms:
     n_keys: Any
     has_position_factor: bool  # `no_position_mask`'s 0/1 factor in the tensors
     buckets: Any = None  # DeBERTa's `(bucket_size, max_position)`: row P // 2 + bucket(-r)
+    # Scores made by each block for its own queries and keys (the banded
+    # path: a block reads a band of keys only), from the queries, keys and
+    # table parts among the tensors, rather than once for the whole input:
+    # no `(tokens, n_positions)` scores kept, nor their gradients.
+    scored_per_block: bool = False
+    block_diagonal: bool = False  # of the "heads_minor" scores (`_row_scores`)
 
     @property
     def heads_last(self):
         return self.output == "bqkh"
 
     def score_names(self):
-        """The names of the table scores among the tensors: what a block
-        differentiates."""
-        return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
+        """The names of the tensors a block differentiates: the table scores,
+        or (`scored_per_block`) the queries, keys and table parts they are
+        made of."""
+        if not self.scored_per_block:
+            return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
+        names = []
+        for term, x, table in (("c2p", "position_q", "table_k"), ("p2c", "position_k", "table_q")):
+            if term in self.terms:
+                names += [x] + [f"{table}{c}" for c in range(self.coords)]
+        return names
+
+    def block_scores(self, tensors, rows, keys):
+        """The table scores of the queries `rows` and of the keys `keys`
+        alone (`scored_per_block`), laid out for the gather."""
+        scores = {}
+        for term, x, table, span in (("c2p", "position_q", "table_k", rows),
+                                     ("p2c", "position_k", "table_q", keys)):
+            if term not in self.terms:
+                continue
+            x = take_rows(tensors[x], 1, span)
+            chunk = x.shape[-1] // self.coords
+            for c in range(self.coords):
+                scores[f"{term}{c}"] = _scores(self, x[..., c * chunk:(c + 1) * chunk],
+                                               tensors[f"{table}{c}"], term, self.block_diagonal)
+        return scores
 
     def logits(self, tensors, rows=slice(None), in_place=False, keys=slice(None)):
         """c2p + p2c for the queries `rows` and the keys `keys` (a span of
@@ -91,6 +119,7 @@ class PositionTerms:
         position terms zeroed in place.
         """
         offsets = self.offsets.rows(tensors, rows, keys)
+        scored = self.block_scores(tensors, rows, keys) if self.scored_per_block else tensors
         if self.buckets is not None:  # DeBERTa's: the bucket of query - key
             offsets = -log_bucket_positions(offsets, *self.buckets)
         index = table_index(offsets, self.n_positions)
@@ -99,7 +128,7 @@ class PositionTerms:
         for x in range(self.coords):
             idx = index[..., x]
             for term in self.terms:
-                scores = tensors[f"{term}{x}"]
+                scores = scored[f"{term}{x}"]
                 if total is None:
                     total = self._gather(scores, idx, term, rows, keys)
                 elif in_place and self.gather == "along_rows":
@@ -118,6 +147,12 @@ class PositionTerms:
         return total
 
     def _gather(self, scores, idx, term, rows, keys, out=None):
+        """The pair terms of `scores` (every query's and key's, or those of
+        `rows` and `keys` alone: `scored_per_block`) at the table rows
+        `idx` `(batch or 1, rows, keys)`."""
+        local = self.scored_per_block
+        if local:  # the scores are the block's: nothing to slice, rows count from 0
+            rows = keys = slice(None)
         if self.gather == "along_rows":  # (b, h, q, P) or (b, h, P, k) -> (b, h, q, k)
             if term == "c2p":
                 scores = take_rows(scores, 2, rows)
@@ -142,10 +177,10 @@ class PositionTerms:
         b = ops.arange(self.batch, dtype=dtype)[:, None, None]
         if term == "c2p":
             row = ops.arange(n_rows, dtype=dtype)[None, :, None] + first_row(rows)
-            base = (b * self.n_queries + row) * self.n_positions
+            base = (b * (n_rows if local else self.n_queries) + row) * self.n_positions
         else:
             col = ops.arange(n_cols, dtype=dtype)[None, None, :] + first_row(keys)
-            base = (b * self.n_keys + col) * self.n_positions
+            base = (b * (n_cols if local else self.n_keys) + col) * self.n_positions
         flat = ops.broadcast_to(base, (self.batch, n_rows, n_cols)) + ops.cast(idx, dtype)
         if self.layout == "head_major":
             return _backend.get().take_columns(scores, flat, self.heads_last)
@@ -154,9 +189,11 @@ class PositionTerms:
 
 
 def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None,
-                   layout=None, output=None, block_diagonal=None, buckets=None):
+                   layout=None, output=None, block_diagonal=None, buckets=None,
+                   per_block=False):
     """The c2p + p2c terms of one call: `(PositionTerms, tensors)`, the table
-    scores made once, to be gathered per block of queries.
+    scores made once, to be gathered per block of queries (or, `per_block`,
+    what each block makes its own from).
 
     Args:
         q: `(batch, queries, heads, head_size)`, scaled.
@@ -174,6 +211,9 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         block_diagonal: for `"heads_minor"`, force or forbid the block-diagonal
             matmul; by default chosen from the number of heads.
         buckets: DeBERTa's `(bucket_size, max_position)`, or None.
+        per_block: each block scores its own queries and keys (the banded
+            path, whose blocks read a band of keys each): the tensors hold
+            `q`, `k` and the table parts instead of scores.
     """
     backend = _backend.get()
     table = pos_k if pos_k is not None else pos_q
@@ -205,15 +245,23 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
     if no_position_mask is not None:  # a 0/1 factor, (batch or 1, queries or 1, keys or 1)
         tensors["position_factor"] = ops.cast(
             ops.logical_not(_checks.as_bool(no_position_mask)), q.dtype)
+    if block_diagonal is None:
+        block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
     terms = PositionTerms(
         offsets=form, n_positions=n_positions, coords=coords, heads=heads,
         terms=tuple(t for t, table in (("c2p", pos_k), ("p2c", pos_q)) if table is not None),
         gather=gather, layout=layout, output=output, index_dtype=index_dtype,
         batch=batch, n_queries=n_queries, n_keys=n_keys,
         has_position_factor="position_factor" in tensors, buckets=buckets,
+        scored_per_block=per_block, block_diagonal=block_diagonal,
     )
-    if block_diagonal is None:
-        block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
+    if per_block:
+        for x, table, names in ((q, pos_k, ("position_q", "table_k")),
+                                (k, pos_q, ("position_k", "table_q"))):
+            if table is not None:
+                tensors[names[0]] = x
+                tensors.update((f"{names[1]}{c}", table[:, c]) for c in range(coords))
+        return terms, tensors
     chunk = q.shape[-1] // coords
     for x in range(coords):
         part = slice(x * chunk, (x + 1) * chunk)

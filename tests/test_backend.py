@@ -148,9 +148,13 @@ def test_recomputed_blocks_and_checkpoints_equal_plain_blocks(rng):
 @pytest.mark.parametrize("output", ["bqkh", "bhqk"])
 @pytest.mark.parametrize("index_batch", [1, 2])
 @pytest.mark.parametrize("flat_limit", [None, 16], ids=["flat", "past the flat limit"])
-def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat_limit, rng):
+@pytest.mark.parametrize("per_block", [False, True], ids=["scored once", "scored per block"])
+def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat_limit,
+                                               per_block, rng):
     """The score-then-gather terms against gathering table rows per pair,
-    whole and by blocks of queries, with each gather strategy."""
+    whole, by blocks of queries and by a block's span of keys, with each
+    gather strategy, the scores made once or by each block for its own
+    queries and keys."""
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
     k = rng.normal(size=(b, nk, h, x * chunk)).astype("float32")
@@ -160,7 +164,10 @@ def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat
     offsets = index - p // 2  # the table rows `index`
     with config.block_settings(flat_index_limit=flat_limit):
         terms, tensors = position_terms(
-            *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), layout=layout, output=output)
+            *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), layout=layout, output=output,
+            per_block=per_block)
+    assert terms.scored_per_block == per_block
+    assert ("c2p0" in tensors) != per_block  # per block: no whole-input scores made
     if flat_limit is not None:  # no flat int32 numbers past the limit
         assert terms.gather != "flat" or terms.index_dtype == "int64"
     got = to_numpy(terms.logits(tensors))
@@ -168,6 +175,9 @@ def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat
     by_blocks = np.concatenate([to_numpy(terms.logits(tensors, slice(0, 2))),
                                 to_numpy(terms.logits(tensors, slice(2, 3)))], axis=axis)
     np.testing.assert_allclose(by_blocks, got, atol=1e-6)
+    span = to_numpy(terms.logits(tensors, slice(1, 3), keys=slice(1, 3)))
+    whole_span = got[:, 1:3, 1:3] if output == "bqkh" else got[:, :, 1:3, 1:3]
+    np.testing.assert_allclose(span, whole_span, atol=1e-6)
     qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)
     want = np.zeros((b, nq, nk, h), "float64")
     for c in range(x):

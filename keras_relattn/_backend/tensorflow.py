@@ -71,10 +71,17 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
 
     size = blocks[0].stop - blocks[0].start
     n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
+    # Each tensor once (one may go by two names: the queries of c2c and of
+    # the position terms): a tape asked for the gradient of a tensor listed
+    # twice gives each its whole gradient, which the caller would add twice.
+    unique = {}
+    for tensor in tensors.values():
+        unique.setdefault(id(tensor), tensor)
+    where = [list(unique).index(id(tensor)) for tensor in tensors.values()]
     names = list(tensors)
 
     def run(rows, values):
-        return fn(rows, dict(zip(names, values)), constants)
+        return fn(rows, {name: values[i] for name, i in zip(names, where)}, constants)
 
     def looped(step, state):
         """`step(block's BlockRows, state)` over the equal blocks in one
@@ -136,4 +143,4 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
 
         return pooled, gradient
 
-    return blockwise(*tensors.values())
+    return blockwise(*unique.values())
