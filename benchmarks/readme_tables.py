@@ -29,6 +29,8 @@ DOCUMENTS = {
     "cpu_long_training": "docs/performance.md",
     "cpu_long_training_compiled": "docs/performance.md",
     "cpu_long_box": "docs/performance.md",
+    "deberta_memory": "docs/performance.md",
+    "deberta_peers": "docs/performance.md",
     "cpu_forward": "docs/performance.md",
     "cpu_backward": "docs/performance.md",
     "gpu": "docs/performance.md",
@@ -220,6 +222,62 @@ def long_box_table():
     return "\n".join(lines)
 
 
+DEBERTA_PEERS = ("keras_hub_deberta", "transformers_deberta")
+
+
+def deberta_runs():
+    """`(backend, what, points)` of the DeBERTa-v3 runs: fwd+bwd, then
+    forward, per backend (`bench.py --long [--backward] --long-systems
+    deberta_model,keras_hub_deberta[,transformers_deberta]`)."""
+    for backend in ("torch", "jax", "tensorflow"):
+        for what, name in (("fwd+bwd", "deberta_long_backward"), ("forward", "deberta_long")):
+            yield backend, what, load(f"{name}_{backend}.json")["points"]
+
+
+def deberta_memory_table():
+    """The 2 DeBERTa-v3 layers' training step: peak memory at each length
+    past 512."""
+    lines = ["| backend | tokens | ms | peak MiB |", "|---|---|---|---|"]
+    for backend, what, points in deberta_runs():
+        if what != "fwd+bwd":
+            continue
+        for length, point in sorted(points["deberta_model"].items(), key=lambda i: int(i[0])):
+            if int(length) > 512:
+                lines.append(f"| {EAGER[backend]} | {length} | {point['ms']:.0f} | "
+                             f"{mib(point['peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def deberta_peers_table():
+    """Ours, KerasHub's and (torch) Hugging Face's DeBERTa-v3 layers: ms / peak
+    MiB, and ours / theirs."""
+    lines = [
+        "| backend | tokens | ours | KerasHub | Hugging Face | ours / KerasHub: time, memory "
+        "| ours / Hugging Face: time, memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend, what, points in deberta_runs():
+        ours = points["deberta_model"]
+        for length in sorted(ours, key=int):
+            if not any(length in points.get(peer, {}) for peer in DEBERTA_PEERS):
+                continue  # past the peers' (n, n) tensors: in the memory table
+            cells, ratios = [], []
+            for peer in DEBERTA_PEERS:
+                theirs = points.get(peer, {}).get(length)
+                if theirs is None:
+                    cells.append("-")
+                    ratios.append("-")
+                    continue
+                cells.append(f"{theirs['ms']:.0f} / {mib(theirs['peak_bytes'])}")
+                ratios.append(f"{ours[length]['ms'] / theirs['ms']:.2f}x, "
+                              f"{ours[length]['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}x")
+            mine = f"{ours[length]['ms']:.0f} / {mib(ours[length]['peak_bytes'])}"
+            label = EAGER[backend].replace("eager", what)
+            lines.append(f"| {label} | {length} | {mine} | {' | '.join(cells)} | "
+                         f"{' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
 def mib(peak_bytes):
     return "< 1" if peak_bytes < 2**20 else f"{peak_bytes / 2**20:.0f}"
 
@@ -232,6 +290,8 @@ def tables():
     found["cpu_long_training"] = long_training_table()
     found["cpu_long_training_compiled"] = long_compiled_table()
     found["cpu_long_box"] = long_box_table()
+    found["deberta_memory"] = deberta_memory_table()
+    found["deberta_peers"] = deberta_peers_table()
     return found
 
 
