@@ -39,7 +39,7 @@ def pooled_only(self, q, k, values, position, base_attn, attend_mask, keys_only,
         else:
             extra.append(bias[:, None, None])
     tensors.update((f"extra{i}", term) for i, term in enumerate(extra))
-    terms = band = None
+    terms = band = n_positions = None
     n_keys = _checks.shape_of(k)[1]
     if position is not None:
         tables, offsets, no_position_mask = position

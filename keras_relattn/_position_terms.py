@@ -4,6 +4,9 @@ c2p(i, j) = sum_x q_i[x] . pos_k[idx(i, j, x), x] and p2c(i, j) = sum_x
 pos_q[idx(i, j, x), x] . k_j[x]. Scoring every query (key) against the whole
 table costs `n_positions` dot products per query (key) instead of one per
 (query, key) pair; the pair terms are then *gathered* from those scores.
+Where each block of queries reads a band of keys only (the banded path),
+each block scores its own queries and band instead (`scored_per_block`):
+no scores of the whole input are kept, nor their gradients.
 
 `PositionTerms` is the static description of one call's terms (hashable:
 what a compiled block is cached by); its tensors (the scores, the offsets'
