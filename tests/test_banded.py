@@ -86,6 +86,21 @@ def test_banded_path_equals_the_full_path(n_positions, mode, mask, rng):
     np.testing.assert_allclose(banded, full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("n_queries, n_keys", [(23, 31), (31, 23)])
+def test_banded_cross_attention_equals_the_full_path(n_queries, n_keys, rng):
+    """Queries and keys of other lengths (token `i` of each numbered `i`):
+    each block's band of keys, and the queries past the last key."""
+    layer = banded_layer(rng, 8)
+    q = rng.normal(size=(2, n_queries, 12)).astype("float32")
+    k = rng.normal(size=(2, n_keys, 12)).astype("float32")
+    mask = masks(rng, "2d", 2, n_keys)
+    full = to_numpy(layer(q, k, k, mask=mask)[0])
+    with config.block_settings(block_elements=2 * 2 * n_keys * 3, band_rows=3) as log:
+        banded = to_numpy(layer(q, k, k, mask=mask, return_logits=False))
+    assert log.plans[0].band_width == 8 and log.plans[0].n_blocks == -(-n_queries // 3)
+    np.testing.assert_allclose(banded, full, atol=ATOL, rtol=0)
+
+
 def test_token_indices_are_the_sequence_offsets(rng):
     """`sequence_positions=True` equals passing the offsets `key - query` of
     token indices (self and cross attention, both paths)."""
