@@ -37,6 +37,11 @@ from keras_relattn.positions import log_bucket_positions
 # work of that matmul outweighs what it saves.
 BLOCK_DIAGONAL_MAX_HEADS = 4
 
+# What each term's scores are made of when each block makes its own
+# (`PositionTerms.scored_per_block`): the tensor of the rows scored (queries
+# for c2p, keys for p2c), and the prefix of the table parts `{prefix}{x}`.
+SCORED_FROM = {"c2p": ("position_q", "table_k"), "p2c": ("position_k", "table_q")}
+
 LAYOUTS = ("head_major", "heads_minor")
 OUTPUTS = ("bqkh", "bhqk")
 
@@ -93,24 +98,22 @@ class PositionTerms:
         if not self.scored_per_block:
             return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
         names = []
-        for term, x, table in (("c2p", "position_q", "table_k"), ("p2c", "position_k", "table_q")):
-            if term in self.terms:
-                names += [x] + [f"{table}{c}" for c in range(self.coords)]
+        for term in self.terms:
+            rows, table = SCORED_FROM[term]
+            names += [rows] + [f"{table}{x}" for x in range(self.coords)]
         return names
 
     def block_scores(self, tensors, rows, keys):
         """The table scores of the queries `rows` and of the keys `keys`
         alone (`scored_per_block`), laid out for the gather."""
         scores = {}
-        for term, x, table, span in (("c2p", "position_q", "table_k", rows),
-                                     ("p2c", "position_k", "table_q", keys)):
-            if term not in self.terms:
-                continue
-            x = take_rows(tensors[x], 1, span)
-            chunk = x.shape[-1] // self.coords
-            for c in range(self.coords):
-                scores[f"{term}{c}"] = _scores(self, x[..., c * chunk:(c + 1) * chunk],
-                                               tensors[f"{table}{c}"], term, self.block_diagonal)
+        for term in self.terms:
+            name, table = SCORED_FROM[term]
+            scored = take_rows(tensors[name], 1, rows if term == "c2p" else keys)
+            chunk = scored.shape[-1] // self.coords
+            for x in range(self.coords):
+                scores[f"{term}{x}"] = _scores(self, scored[..., x * chunk:(x + 1) * chunk],
+                                               tensors[f"{table}{x}"], term, self.block_diagonal)
         return scores
 
     def logits(self, tensors, rows=slice(None), in_place=False, keys=slice(None)):
@@ -259,11 +262,11 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         scored_per_block=per_block, block_diagonal=block_diagonal,
     )
     if per_block:
-        for x, table, names in ((q, pos_k, ("position_q", "table_k")),
-                                (k, pos_q, ("position_k", "table_q"))):
+        for term, scored, table in (("c2p", q, pos_k), ("p2c", k, pos_q)):
             if table is not None:
-                tensors[names[0]] = x
-                tensors.update((f"{names[1]}{c}", table[:, c]) for c in range(coords))
+                name, prefix = SCORED_FROM[term]
+                tensors[name] = scored
+                tensors.update((f"{prefix}{x}", table[:, x]) for x in range(coords))
         return terms, tensors
     chunk = q.shape[-1] // coords
     for x in range(coords):
