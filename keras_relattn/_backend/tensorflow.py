@@ -74,14 +74,15 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     # Each tensor once (one may go by two names: the queries of c2c and of
     # the position terms): a tape asked for the gradient of a tensor listed
     # twice gives each its whole gradient, which the caller would add twice.
-    unique = {}
+    place, unique = {}, []  # each tensor's id -> its place in `unique`
     for tensor in tensors.values():
-        unique.setdefault(id(tensor), tensor)
-    where = [list(unique).index(id(tensor)) for tensor in tensors.values()]
-    names = list(tensors)
+        if id(tensor) not in place:
+            place[id(tensor)] = len(unique)
+            unique.append(tensor)
+    where = {name: place[id(tensor)] for name, tensor in tensors.items()}
 
     def run(rows, values):
-        return fn(rows, {name: values[i] for name, i in zip(names, where)}, constants)
+        return fn(rows, {name: values[i] for name, i in where.items()}, constants)
 
     def looped(step, state):
         """`step(block's BlockRows, state)` over the equal blocks in one
@@ -143,4 +144,4 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
 
         return pooled, gradient
 
-    return blockwise(*unique.values())
+    return blockwise(*unique)
