@@ -6,7 +6,8 @@ when it is imported, before it reads `TF_CPP_MIN_LOG_LEVEL`. This module sits
 outside the package so that it can import Keras (and TensorFlow, which Keras
 imports on every backend the first time it serializes an object, as the demo's
 save does) with file descriptor 2 sent to /dev/null, before the package
-imports them; importing `keras_relattn` itself never touches stderr.
+imports them (the package itself first, which imports Keras); importing
+`keras_relattn` writes nothing to stderr itself.
 """
 
 import os
@@ -14,6 +15,9 @@ import sys
 
 
 def _import_keras():
+    # The package first: it loads triton (the CUDA build of torch's) before
+    # Keras loads TensorFlow (keras_relattn/_import_order.py).
+    import keras_relattn  # noqa: F401
     import keras  # noqa: F401
 
     try:

@@ -1,6 +1,11 @@
 """keras-relattn: DeBERTa-style relative attention for Keras 3 (TF, JAX, torch)."""
 
-from keras_relattn import config, deberta, positions
+# First, before anything imports Keras (and so TensorFlow): see _import_order.
+from keras_relattn import _import_order
+
+_import_order.load_triton_first()
+
+from keras_relattn import config, deberta, positions  # noqa: E402
 from keras_relattn.box_transformer import BoxTransformer
 from keras_relattn.porting import edspdf_state_dict, load_edspdf_state_dict
 from keras_relattn.position_table import PositionTable

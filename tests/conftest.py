@@ -1,6 +1,10 @@
 """pytest fixtures for every test module (helpers are in helpers.py). The backend
 is chosen by KERAS_BACKEND, one process each."""
 
+# The package first: it loads triton (the CUDA build of torch's, and the test
+# extra's) before Keras loads TensorFlow, which would crash the first import
+# of `transformers` or `torch._dynamo` after it (keras_relattn/_import_order.py).
+import keras_relattn  # noqa: F401, I001
 
 import keras
 import numpy as np
