@@ -188,3 +188,149 @@ def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat
     if output == "bhqk":
         want = want.transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# torch's `attend_in_parts` (the banded path's blocks): pure torch, so it is
+# tested in every backend's run.
+
+
+def torch_parts_inputs(rng, d, dv, strided=False, masked=True):
+    """A block of 6 queries over 20 keys, band [7, 13), as the layer makes it;
+    `strided`: a head size of 1 laid out as a Keras projection leaves it
+    (heads with stride 1, the size-1 head axis with stride `heads`)."""
+    import torch
+
+    batch, rows, heads, n_keys = 2, 6, 3, 20
+
+    def f32(*shape):
+        return torch.as_tensor(rng.normal(size=shape).astype("float32"))
+
+    def projected(length):
+        if not strided:
+            return f32(batch, length, heads, d)
+        return f32(batch, length, d, heads).permute(0, 1, 3, 2)  # strides (.., 1, heads)
+
+    queries = (projected(rows), projected(rows))
+    constants = (f32(batch, heads, rows), f32(batch, heads, rows))
+    keys, values = projected(n_keys), f32(batch, n_keys, heads, dv)
+    band_q, band_positions = projected(rows), f32(batch, heads, rows, 6)
+    key_mask = None
+    if masked:
+        key_mask = torch.as_tensor(rng.random((batch, n_keys)) > 0.3)
+        key_mask[1] = False  # a batch row that attends to nothing
+    return queries, constants, keys, values, band_q, band_positions, (7, 13), key_mask
+
+
+def torch_parts_reference(queries, constants, keys, values, band_q, band_positions, band_keys,
+                          key_mask):
+    """The same attention with every logit built whole, masked logits
+    replaced by -10000 (edspdf's rule), in float64."""
+    import torch
+
+    start, stop = band_keys
+    parts = []
+    for first, last, query, added in ((0, start, queries[0], constants[0][..., None]),
+                                      (start, stop, band_q, band_positions),
+                                      (stop, keys.shape[1], queries[1], constants[1][..., None])):
+        parts.append(torch.einsum("bqhd,bkhd->bhqk", query.double(),
+                                  keys[:, first:last].double()) + added.double())
+    logits = torch.cat(parts, -1)
+    if key_mask is not None:
+        logits = torch.where(key_mask[:, None, None], logits, torch.tensor(-10000.0).double())
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, -1), values.double())
+
+
+@pytest.mark.parametrize("d, dv, strided", [(4, 4, False), (3, 5, False), (1, 2, True),
+                                            (1, 1, True), (2, 4, True)])
+def test_torch_attend_in_parts_equals_whole_logits(d, dv, strided, rng):
+    """Outputs and gradients against the whole logits (float64 autograd). A
+    head size of 1 with a Keras projection's strides read the heads as the
+    head dimension (0.9 off, silently) before its inputs were made
+    row-major for the kernel."""
+    import torch
+
+    from keras_relattn._backend import torch as torch_backend
+
+    inputs = torch_parts_inputs(rng, d, dv, strided)
+    floats = [t for t in (*inputs[0], *inputs[1], *inputs[2:6])]
+    # `clone` keeps the strides of a dense tensor: the leaves are laid out as made.
+    leaves = [t.detach().clone().requires_grad_(True) for t in floats]
+    assert [t.stride() for t in leaves] == [t.stride() for t in floats]
+    got = torch_backend.attend_in_parts((leaves[0], leaves[1]), (leaves[2], leaves[3]),
+                                        *leaves[4:], *inputs[6:])
+    probe = torch.as_tensor(rng.normal(size=got.shape).astype("float32"))
+    got_grads = torch.autograd.grad((got * probe).sum(), leaves)
+    twins = [t.detach().clone().double().requires_grad_(True) for t in floats]
+    want = torch_parts_reference((twins[0], twins[1]), (twins[2], twins[3]), *twins[4:],
+                                 *inputs[6:])
+    want_grads = torch.autograd.grad((want * probe.double()).sum(), twins)
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=2e-6)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5)
+
+
+def test_torch_far_kernel_is_chosen_by_device():
+    """The CPU flash op on CPU, CUDA's memory-efficient op (it returns the
+    log-sum-exp) on CUDA, the public fallback anywhere else."""
+    import torch
+
+    from keras_relattn._backend import torch as torch_backend
+
+    assert torch_backend.far_kernel(torch.device("cpu")).name == "cpu_flash"
+    assert torch_backend.far_kernel("cuda").name == "cuda_efficient"
+    assert torch_backend.far_kernel(torch.device("cuda", 1)).name == "cuda_efficient"
+    assert torch_backend.far_kernel("meta").name == "public"
+    assert torch_backend.far_kernel("mps").name == "public"
+
+
+def test_torch_cuda_kernel_shapes_on_the_meta_device():
+    """Without a GPU: CUDA's kernel wrapper traced on meta tensors (its ops'
+    shape functions) gives the shapes the merge expects: the log-sum-exp
+    cut from its padded rows, and padded back for the backward."""
+    import torch
+
+    from keras_relattn._backend import torch as torch_backend
+
+    kernel = torch_backend.far_kernel("cuda")
+    q = torch.empty(2, 3, 33, 8, device="meta")
+    k = v = torch.empty(2, 3, 50, 8, device="meta")
+    mask = torch.zeros(2, 1, 1, 50, device="meta")
+    for m in (None, mask):
+        out, lse, state = kernel.forward(q, k, v, m)
+        assert out.shape == (2, 3, 33, 8) and lse.shape == (2, 3, 33)
+        grads = kernel.backward(out, q, k, v, m, out, lse, state)
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_torch_public_kernel_equals_the_cpu_op(masked, rng):
+    """The fallback (public `scaled_dot_product_attention`, its log-sum-exp
+    and its backward written out) against the CPU flash op, on CPU tensors:
+    the output, the log-sum-exp and the backward given a merged output and
+    log-sum-exp (as `attend_in_parts` calls it)."""
+    import torch
+
+    from keras_relattn._backend import torch as torch_backend
+
+    cpu, public = torch_backend.far_kernel("cpu"), torch_backend.far_kernel("meta")
+
+    def f32(*shape):
+        return torch.as_tensor(rng.normal(size=shape).astype("float32"))
+
+    q, k, v = f32(2, 3, 9, 4), f32(2, 3, 14, 4), f32(2, 3, 14, 4)
+    mask = None
+    if masked:
+        keep = torch.as_tensor(rng.random((2, 14)) > 0.3)
+        keep[0, :3] = True
+        mask = torch.zeros(2, 14).masked_fill(~keep, float("-inf"))[:, None, None]
+    (out_a, lse_a, state_a), (out_b, lse_b, state_b) = (
+        kernel.forward(q, k, v, mask) for kernel in (cpu, public))
+    np.testing.assert_allclose(out_b.numpy(), out_a.numpy(), atol=2e-6)
+    np.testing.assert_allclose(lse_b.numpy(), lse_a.numpy(), atol=2e-6)
+    grad = f32(2, 3, 9, 4)
+    merged_out = out_a * 0.7  # a part of a larger softmax: weight 0.7
+    merged_lse = lse_a - np.log(0.7).astype("float32")
+    got = public.backward(grad, q, k, v, mask, merged_out, merged_lse, state_b)
+    want = cpu.backward(grad, q, k, v, mask, merged_out, merged_lse, state_a)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5)

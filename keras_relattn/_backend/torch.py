@@ -190,10 +190,11 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
     the keys before the band and after it, where the logits are `queries[p]
     . k_j + constants[p]_i` (a plain dot product plus a per-query constant),
     and the band, whose logits are `band_queries . k_j + band_positions`:
-    each far part on torch's flash kernel (with its log-sum-exp), the band
-    explicitly, merged by their log-sum-exps (FlashAttention-2's and ring
-    attention's merge). One `autograd.Function`, whose backward runs each far
-    part's flash backward with the merged output and log-sum-exp.
+    each far part on a fused kernel for the tensors' device (`far_kernel`),
+    with its log-sum-exp, the band explicitly, merged by their log-sum-exps
+    (FlashAttention-2's and ring attention's merge). One
+    `autograd.Function`, whose backward runs each far part's kernel backward
+    with the merged output and log-sum-exp.
 
     Args:
         queries: `(left, right)` `(batch, rows, heads, d)` float32 scaled queries.
@@ -219,14 +220,113 @@ def _pad_last(x, size):
     return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
+def _heads_first(x, size):
+    """`(batch, length, heads, d)` as the kernels take it: `(batch, heads,
+    length, size)` (zeros past `d`), in row-major strides.
+
+    The kernels read the last axis as contiguous without checking its
+    stride. A Keras projection to a small head size can leave the heads with
+    the smallest stride (a head size of 1: a key width equal to the number of
+    heads), and `F.pad` keeps such a layout (it guesses channels-last): the
+    kernel then read the heads as the head dimension, and every number was
+    wrong, silently. Made row-major here, whatever layout comes in."""
+    return _pad_last(x.transpose(1, 2), size).contiguous(memory_format=torch.contiguous_format)
+
+
+class _CpuFlash:
+    """The CPU flash kernel, which returns its log-sum-exp."""
+
+    name = "cpu_flash"
+
+    @staticmethod
+    def forward(q, k, v, mask):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=mask, scale=1.0)
+        return out, lse, None
+
+    @staticmethod
+    def backward(grad, q, k, v, mask, out, lse, state):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
+
+
+class _CudaEfficient:
+    """CUDA's memory-efficient kernel (it takes a mask and returns its
+    log-sum-exp, padded to a multiple of 32 rows; its random state is kept
+    for the backward). The mask is padded to 16 keys in memory, as
+    `scaled_dot_product_attention` does for this kernel."""
+
+    name = "cuda_efficient"
+
+    @staticmethod
+    def _bias(mask, q, k):
+        if mask is None:
+            return None
+        n_keys = k.shape[2]
+        bias = mask.expand(q.shape[0], q.shape[1], q.shape[2], n_keys)
+        return F.pad(bias, (0, -n_keys % 16))[..., :n_keys]
+
+    @staticmethod
+    def forward(q, k, v, mask):
+        bias = _CudaEfficient._bias(mask, q, k)
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=1.0)
+        return out, lse[..., :q.shape[2]], (lse.shape[-1], seed, offset)
+
+    @staticmethod
+    def backward(grad, q, k, v, mask, out, lse, state):
+        padded_rows, seed, offset = state
+        lse = F.pad(lse, (0, padded_rows - lse.shape[-1]))
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, _CudaEfficient._bias(mask, q, k), out, lse.contiguous(), seed,
+            offset, 0.0, [True, True, True, False], False, scale=1.0)
+        return dq, dk, dv
+
+
+class _Public:
+    """Any other device: the public `scaled_dot_product_attention`, its
+    log-sum-exp computed beside it, and the backward written out (`P =
+    exp(S - lse)` of the merged log-sum-exp, as the fused backwards)."""
+
+    name = "public"
+
+    @staticmethod
+    def _scores(q, k, mask):
+        scores = q @ k.transpose(-1, -2)
+        return scores if mask is None else scores + mask
+
+    @staticmethod
+    def forward(q, k, v, mask):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return out, torch.logsumexp(_Public._scores(q, k, mask), -1), None
+
+    @staticmethod
+    def backward(grad, q, k, v, mask, out, lse, state):
+        weights = torch.exp(_Public._scores(q, k, mask) - lse[..., None])
+        delta = (grad * out).sum(-1, keepdim=True)
+        grad_scores = weights * (grad @ v.transpose(-1, -2) - delta)
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, weights.transpose(-1, -2) @ grad
+
+
+def far_kernel(device):
+    """The kernel of `attend_in_parts`' far parts for tensors on `device`:
+    the CPU flash kernel on CPU, the memory-efficient one on CUDA, the
+    public `scaled_dot_product_attention` elsewhere."""
+    kind = torch.device(device).type
+    return {"cpu": _CpuFlash, "cuda": _CudaEfficient}.get(kind, _Public)
+
+
+def _merged_lse(lses):
+    """The log-sum-exp over every part, from each part's `(batch, heads,
+    rows)` one (-inf: a part with no key to attend)."""
+    return torch.logsumexp(torch.stack(lses), 0)
+
+
 @functools.cache
 def _parts_function():
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
     class AttendInParts(torch.autograd.Function):
-        """Forward: each far part's flash attention and log-sum-exp, the band's
-        softmax, merged. Backward: each far part's flash backward with the
+        """Forward: each far part's fused attention and log-sum-exp, the band's
+        softmax, merged. Backward: each far part's kernel backward with the
         merged output and log-sum-exp (less its constant), whose `P = exp(S -
         lse)` is then the merged softmax's; the constants' gradient `w (dO .
         o_part - D)`; the band's logits' `P (dO . v - D)`."""
@@ -234,61 +334,48 @@ def _parts_function():
         @staticmethod
         def forward(ctx, q_left, q_right, c_left, c_right, keys, values, band_q, band_positions,
                     band_keys, key_mask):
+            kernel = far_kernel(keys.device)
             n_keys, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
-            size = max(d, dv)  # the flash kernel wants one head size
-            k = _pad_last(keys.transpose(1, 2), size)
-            v = _pad_last(values.transpose(1, 2), size)
+            size = max(d, dv)  # the kernels want one head size
+            k, v = _heads_first(keys, size), _heads_first(values, size)
             additive = None
             if key_mask is not None:  # (batch, 1, 1, keys): 0 or -inf
                 additive = torch.zeros(key_mask.shape, dtype=keys.dtype, device=keys.device)
                 additive = additive.masked_fill(~key_mask, float("-inf"))[:, None, None]
             start, stop = band_keys
-            far = []  # (side, padded queries, constant, keys, mask, output, lse)
-            for side, q, c, (first, last) in (("left", q_left, c_left, (0, start)),
-                                              ("right", q_right, c_right, (stop, n_keys))):
-                if last <= first:
-                    continue
-                q = _pad_last(q.transpose(1, 2), size)
-                mask = None if additive is None else additive[..., first:last].contiguous()
-                out, lse = flash(q, k[:, :, first:last], v[:, :, first:last], attn_mask=mask,
-                                 scale=1.0)
-                lse = lse + c
-                if key_mask is not None:  # the kernel gives lse 0 where every key is masked
-                    seen = key_mask[:, first:last].any(-1)[:, None, None]
-                    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
-                far.append((side, q, c, (first, last), mask, torch.nan_to_num(out[..., :dv]),
-                            lse))
+            far = _far_forward(kernel, ((q_left, c_left, 0, start), (q_right, c_right, stop,
+                                                                     n_keys)),
+                               k, v, additive, key_mask, size, dv)
             bq = band_q.transpose(1, 2)  # (batch, heads, rows, d)
             logits = bq @ keys[:, start:stop].permute(0, 2, 3, 1) + band_positions
             if additive is not None:
                 logits = logits + additive[..., start:stop]
-            lse = torch.logsumexp(torch.stack([f[6] for f in far]
-                                              + [torch.logsumexp(logits, -1)]), 0)
+            lse = _merged_lse([part["lse"] for part in far] + [torch.logsumexp(logits, -1)])
             finite = torch.isfinite(lse)  # False: a row with no key to attend
             safe = torch.where(finite, lse, torch.zeros_like(lse))
             band_weights = torch.exp(logits - safe[..., None])
             out = band_weights @ v[:, :, start:stop, :dv]
-            weights = []
             for part in far:
-                weight = torch.where(torch.isfinite(part[6]), torch.exp(part[6] - safe),
-                                     torch.zeros_like(safe))
-                weights.append(weight)
-                out += weight[..., None] * part[5]
+                part["weight"] = torch.where(torch.isfinite(part["lse"]),
+                                             torch.exp(part["lse"] - safe),
+                                             torch.zeros_like(safe))
+                out += part["weight"][..., None] * part["out"]
             if not bool(finite.all()):
                 uniform = v[..., :dv].mean(2, keepdim=True).expand_as(out)
                 out = torch.where(finite[..., None], out, uniform)
-            ctx.far = [(side, q, (first, last), mask) for side, q, _, (first, last), mask, _, _
-                       in far]
+            ctx.kernel, ctx.far = kernel, [
+                {name: part[name] for name in ("side", "keys", "mask", "state")} for part in far]
             ctx.shape = (n_keys, d, dv, size, band_keys, bool(finite.all()))
             ctx.save_for_backward(keys, k, v, bq, out, safe, finite, band_weights,
-                                  *[f[2] for f in far], *weights, *[f[5] for f in far])
+                                  *[part[name] for name in ("q", "c", "weight", "out")
+                                    for part in far])
             return out.transpose(1, 2)
 
         @staticmethod
         def backward(ctx, grad):
             keys, k, v, bq, out, safe, finite, band_weights, *rest = ctx.saved_tensors
             n_far = len(ctx.far)
-            constants, weights, outs = rest[:n_far], rest[n_far:2 * n_far], rest[2 * n_far:]
+            saved = [rest[i * n_far:(i + 1) * n_far] for i in range(4)]
             n_keys, d, dv, size, (start, stop), all_finite = ctx.shape
             grad = grad.transpose(1, 2)  # (batch, heads, rows, dv)
             lost = None
@@ -302,12 +389,14 @@ def _parts_function():
             k_parts = {"band": (grad_band.transpose(-1, -2) @ bq)}  # (batch, heads, band, d)
             v_parts = {"band": band_weights.transpose(-1, -2) @ grad}
             grads = {"band_q": (grad_band @ keys[:, start:stop].transpose(1, 2)).transpose(1, 2)}
-            padded_grad, padded_out = _pad_last(grad, size), _pad_last(out, size)
-            for (side, q, (first, last), mask), c, weight, part_out in zip(
-                    ctx.far, constants, weights, outs):
-                dq, dk, dvv = flash_backward(
-                    padded_grad, q, k[:, :, first:last], v[:, :, first:last], padded_out,
-                    safe - c, 0.0, False, attn_mask=mask, scale=1.0)
+            padded_grad = _pad_last(grad, size).contiguous()
+            padded_out = _pad_last(out, size).contiguous()
+            for part, q, c, weight, part_out in zip(ctx.far, *saved):
+                first, last = part["keys"]
+                dq, dk, dvv = ctx.kernel.backward(
+                    padded_grad, q, k[:, :, first:last], v[:, :, first:last], part["mask"],
+                    padded_out, (safe - c).contiguous(), part["state"])
+                side = part["side"]
                 k_parts[side], v_parts[side] = dk[..., :d], dvv[..., :dv]
                 grads[side] = dq[..., :d].transpose(1, 2)
                 grads[side + " constant"] = weight * ((grad * part_out).sum(-1) - delta)
@@ -321,3 +410,25 @@ def _parts_function():
                     grads["band_q"], grad_band, None, None)
 
     return AttendInParts
+
+
+def _far_forward(kernel, sides, k, v, additive, key_mask, size, dv):
+    """Each far part with keys (left of the band, right of it): its
+    queries `(batch, heads, rows, size)`, constant, key span, mask, kernel
+    output `(batch, heads, rows, dv)`, log-sum-exp with its constant added
+    (-inf where every key of the part is masked) and kernel state."""
+    far = []
+    for side, (q, c, first, last) in zip(("left", "right"), sides):
+        if last <= first:
+            continue
+        q = _heads_first(q, size)
+        mask = None if additive is None else additive[..., first:last].contiguous()
+        out, lse, state = kernel.forward(q, k[:, :, first:last].contiguous(),
+                                         v[:, :, first:last].contiguous(), mask)
+        lse = lse + c
+        if key_mask is not None:  # the kernels give lse 0 (or NaN) where every key is masked
+            seen = key_mask[:, first:last].any(-1)[:, None, None]
+            lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
+        far.append(dict(side=side, q=q, c=c, keys=(first, last), mask=mask,
+                        out=torch.nan_to_num(out[..., :dv]), lse=lse, state=state))
+    return far
