@@ -144,8 +144,11 @@ def band_for(n_positions, block_rows, n_keys, buckets=None):
     left, right = index[0], index[-1]
     if index[1] != left or index[-2] != right:
         return None  # not settled within reach
-    below = offsets[np.argmax(index != left) - 1]
-    above = offsets[len(index) - np.argmax(index[::-1] != right)]
+    if left == right:  # one row read by every pair (a 1-row table): a band of r = 0
+        below, above = -1, 1
+    else:
+        below = offsets[np.argmax(index != left) - 1]
+        above = offsets[len(index) - np.argmax(index[::-1] != right)]
     width = block_rows + int(above - below) - 2
     if not 0 < width < n_keys:
         return None
