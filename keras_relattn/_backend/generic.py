@@ -184,10 +184,10 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
     the keys before the band and after it, where the logits are `queries[p]
     . k_j + constants[p]_i` (a plain dot product plus a per-query constant),
     and the band, whose logits are `band_queries . k_j + band_positions`.
-    Each part's masked logits (*replaced* by -10000, edspdf's rule) and
-    float32 log-sum-exp; the parts merged by them, which is the softmax over
-    every key. Here in `keras.ops` (autodiff differentiates it); torch's
-    runs the far parts on its flash kernel.
+    Each part's masked logits (*replaced* by -10000, edspdf's rule), in
+    float32; one softmax over every key (`_softmax_in_parts`). Here in
+    `keras.ops` (autodiff differentiates it); torch's runs the far parts on
+    a fused kernel.
 
     Args:
         queries: `(left, right)` `(batch, rows, heads, d)` scaled queries.
@@ -204,26 +204,41 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
     """
     start, stop = band_keys
     n_keys = keys.shape[1]
-    parts = [(band_queries, band_positions, start, stop)]
-    for q, c, first, last in ((queries[0], constants[0], 0, start),
-                              (queries[1], constants[1], stop, n_keys)):
-        if last > first:
-            parts.append((q, ops.expand_dims(c, -1), first, last))
-    logits, lses = [], []
+    parts = [(q, added, first, last) for q, added, first, last in (
+        (band_queries, band_positions, start, stop),
+        (queries[0], ops.expand_dims(constants[0], -1), 0, start),
+        (queries[1], ops.expand_dims(constants[1], -1), stop, n_keys),
+    ) if last > first]  # a part without keys adds nothing (and has no max)
+    logits = []
     for q, added, first, last in parts:
-        part = ops.einsum("bqhd,bkhd->bhqk", q, keys[:, first:last]) + added
-        part = ops.cast(part, "float32")
+        part = ops.cast(ops.einsum("bqhd,bkhd->bhqk", q, keys[:, first:last]) + added, "float32")
         if key_mask is not None:
             part = ops.where(key_mask[:, None, None, first:last], part, -10000.0)
         logits.append(part)
-        lses.append(ops.logsumexp(part, axis=-1))
-    lse = ops.expand_dims(ops.logsumexp(ops.stack(lses), axis=0), -1)
     pooled = None
-    for part, (_, _, first, last) in zip(logits, parts):
-        weights = ops.cast(ops.exp(part - lse), values.dtype)
-        term = ops.einsum("bhqk,bkhd->bqhd", weights, values[:, first:last])
+    for weights, (_, _, first, last) in zip(_softmax_in_parts(logits), parts):
+        term = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype),
+                          values[:, first:last])
         pooled = term if pooled is None else pooled + term
     return pooled
+
+
+def _softmax_in_parts(logits):
+    """The softmax over the last axis of the float32 logits concatenated,
+    part by part: each `exp(part - max) / sum`, with the max and the sum
+    over every part (the max subtracted as a fused softmax does, so a row
+    whose logits are all equal, a fully masked one, gets exactly uniform
+    weights, as on the per-token path)."""
+    top = None
+    for part in logits:
+        part_top = ops.max(part, axis=-1, keepdims=True)
+        top = part_top if top is None else ops.maximum(top, part_top)
+    exps = [ops.exp(part - top) for part in logits]
+    total = None
+    for e in exps:
+        part_sum = ops.sum(e, axis=-1, keepdims=True)
+        total = part_sum if total is None else total + part_sum
+    return [e / total for e in exps]
 
 
 def is_compiling():
