@@ -291,3 +291,70 @@ def test_banded_path_under_mixed_precision(policy, atol, seed):
     got = to_numpy(got).astype("float32")
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+# Round 5's findings, each as reported (512 tokens, default blocks), against
+# the per-token path with the same weights.
+
+
+def assert_rounding_close(got, want):
+    """Equal to float32 rounding: a few ulps of the largest output."""
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=2e-6 * scale, rtol=0)
+
+
+def per_token_twin(layer):
+    twin = RelativeAttention.from_config(dict(layer.get_config(), sequence_positions=False))
+    twin.build()
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def per_token_output(layer, x, mask=None):
+    n = x.shape[1]
+    return to_numpy(per_token_twin(layer)(x, x, x, mask=mask, return_logits=False,
+                                          query_positions=sequence_positions(n)))
+
+
+def test_a_key_width_equal_to_the_number_of_heads(rng):
+    """key_size = n_heads (a head size of 1): torch's fused kernel read the
+    heads as the head dimension (0.9 off, silently)."""
+    layer = RelativeAttention(16, n_heads=4, key_size=4, query_size=4,
+                              position_embedding_shape=(64, 16), n_coordinates=1,
+                              sequence_positions=True, bias_initializer="random_normal")
+    layer.build()
+    layer.position_embedding.assign(rng.normal(size=(64, 16)).astype("float32"))
+    x = rng.normal(size=(2, 512, 4)).astype("float32")
+    with config.block_settings() as log:
+        got = to_numpy(layer(x, x, x, return_logits=False))
+    assert log.plans[0].band_width
+    assert_rounding_close(got, per_token_output(layer, x))
+
+
+@pytest.mark.parametrize("n_positions", [1, 2, 3])
+def test_tables_of_one_two_and_three_rows(n_positions, rng):
+    """A 1-row table (every offset clamps to it) raised IndexError while the
+    band was found; 2 and 3 rows are its neighbours."""
+    layer = banded_layer(rng, n_positions)
+    x = rng.normal(size=(2, 512, 12)).astype("float32")
+    mask = masks(rng, "2d", 2, 512)
+    with config.block_settings() as log:
+        got = to_numpy(layer(x, x, x, mask=mask, return_logits=False))
+    assert log.plans[0].band_width
+    assert_rounding_close(got, per_token_output(layer, x, mask))
+
+
+def test_a_fully_masked_batch_row_is_the_per_token_paths_to_rounding(rng):
+    """The far keys' and the band's softmax merged by log-sum-exps of
+    -10000-filled logits drifted by 7e-5 to 4e-4 on TensorFlow; merged by
+    their max, as one softmax, it is the per-token path's uniform average."""
+    layer = banded_layer(rng, 64, n_additional_heads=0)
+    x = rng.normal(size=(2, 512, 12)).astype("float32") * 3
+    mask = np.ones((2, 512), bool)
+    mask[1] = False
+    with config.block_settings() as log:
+        got = to_numpy(layer(x, x, x, mask=mask, return_logits=False))
+    assert log.plans[0].band_width
+    want = per_token_output(layer, x, mask)
+    assert_rounding_close(got, want)
+    assert_rounding_close(got[1], want[1])  # the masked row, on its own scale

@@ -296,3 +296,59 @@ def test_the_cases_cover_what_the_trace_can_freeze():
         "broadcast base_attn, additional heads, pooled only",
     }
     assert wanted <= seen, wanted - seen
+
+
+def retraced_per_length(layer, pairs, options):
+    """The call compiled for these static sizes (a fresh trace per length):
+    `jax.jit`, or a `tf.function` without a signature; None on torch (its
+    dynamic trace above is the one with unknown sizes)."""
+    names = [name for name, _ in pairs]
+    arrays = [array for _, array in pairs]
+    if BACKEND == "jax":
+        import jax
+
+        def run(trainable, non_trainable, *tensors):
+            return layer.stateless_call(trainable, non_trainable,
+                                        **nested(names, tensors), **options)[0]
+
+        return jax.jit(run)([v.value for v in layer.trainable_variables],
+                            [v.value for v in layer.non_trainable_variables], *arrays)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda *t: layer(**nested(names, t), **options))(*arrays)
+    return None
+
+
+# Dynamo traces each block of the eager call's size for minutes on torch: one
+# configuration and one length there (its dynamic trace does not retrace).
+@pytest.mark.parametrize("seed", [0] if BACKEND == "torch" else range(3))
+def test_banded_path_eager_equals_traces(seed):
+    """The banded path (`sequence_positions`, `return_logits=False`, blocks
+    narrower than the keys) eagerly, against the trace with every size
+    unknown (where the band cannot be decided: the per-token blocks) and, on
+    JAX and TensorFlow, a compilation per length (where it is): tables of 1
+    row and more, DeBERTa's buckets, a batch row with no key to attend."""
+    from keras_relattn import config
+
+    rng = np.random.default_rng([20261207, seed])
+    n_positions = [1, 5, 9][seed]
+    layer = RelativeAttention(12, 3, sequence_positions=True, n_additional_heads=seed % 2,
+                              position_embedding=rng.normal(size=(n_positions, 12))
+                              .astype("float32"), bias_initializer="random_normal",
+                              position_buckets=(4, 16) if seed == 2 else None)
+    layer.build()
+    for n in (37,) if BACKEND == "torch" else (37, 50):
+        x = rng.normal(size=(2, n, 12)).astype("float32")
+        mask = rng.random((2, n)) > 0.2
+        mask[1] = False
+        inputs = dict(content_queries=x, content_values=x[:, ::-1].copy(), mask=mask)
+        options = dict(return_logits=False)
+        with config.block_settings(band_rows=8, block_elements=2 * 3 * n * 8) as log:
+            eager = layer(**inputs, **options)
+            assert log.plans[0].band_width
+            assert_same(eager, traced_call(layer, flat(inputs), options, True))
+            compiled = retraced_per_length(layer, flat(inputs), options)
+        if compiled is not None:
+            assert log.plans[-1].band_width  # decided inside the compiled trace too
+            assert_same(eager, compiled)
