@@ -215,20 +215,23 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
         if key_mask is not None:
             part = ops.where(key_mask[:, None, None, first:last], part, -10000.0)
         logits.append(part)
+    exps, total = _softmax_in_parts(logits)
     pooled = None
-    for weights, (_, _, first, last) in zip(_softmax_in_parts(logits), parts):
+    for weights, (_, _, first, last) in zip(exps, parts):
         term = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype),
                           values[:, first:last])
         pooled = term if pooled is None else pooled + term
-    return pooled
+    # Normalized once, on the pooled rows rather than on every part's weights.
+    return pooled / ops.cast(ops.transpose(total, (0, 2, 1, 3)), pooled.dtype)
 
 
 def _softmax_in_parts(logits):
-    """The softmax over the last axis of the float32 logits concatenated,
-    part by part: each `exp(part - max) / sum`, with the max and the sum
-    over every part (the max subtracted as a fused softmax does, so a row
-    whose logits are all equal, a fully masked one, gets exactly uniform
-    weights, as on the per-token path)."""
+    """The softmax over the last axis of the float32 logits concatenated, part
+    by part, unnormalized: each part's `exp(part - max)` and the `(batch,
+    heads, rows, 1)` sum over every part that divides them. The max is over
+    every part, as a fused softmax subtracts it: a row whose logits are all
+    equal (a fully masked one) gets exactly uniform weights, as on the
+    per-token path."""
     top = None
     for part in logits:
         part_top = ops.max(part, axis=-1, keepdims=True)
@@ -238,7 +241,7 @@ def _softmax_in_parts(logits):
     for e in exps:
         part_sum = ops.sum(e, axis=-1, keepdims=True)
         total = part_sum if total is None else total + part_sum
-    return [e / total for e in exps]
+    return exps, total
 
 
 def is_compiling():
