@@ -26,6 +26,17 @@ def test_the_backend_module_is_chosen_once():
     assert not missing, missing
 
 
+def test_the_interface_doc_lists_exactly_the_interface():
+    """`_backend/__init__.py`'s list: every name a backend must define, and
+    no other."""
+    import re
+
+    doc = _backend.__doc__
+    listed = set(re.findall(r"`([A-Za-z_]+)(?:\(|`)", doc[doc.index("The interface"):]))
+    listed -= {"generic", "b", "h", "q", "k", "P", "d"}  # the module, the axes' names
+    assert listed == set(GENERIC.__all__), (listed ^ set(GENERIC.__all__))
+
+
 def test_take_columns_equals_the_generic_gather(rng):
     table = rng.normal(size=(3, 50)).astype("float32")
     columns = rng.integers(0, 50, size=(2, 5, 7)).astype("int32")

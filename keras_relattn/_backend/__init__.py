@@ -7,16 +7,32 @@ of this package is a function of the module `get()` returns: `jax`,
 (plain `keras.ops`, which every fast path is tested against). No other
 module names a backend or compares `keras.backend.backend()`.
 
-The interface (each module defines every name; see `generic` for what each
-computes):
+The interface (each module defines every name; `generic` says what each
+computes; axes: `b` batch, `h` heads, `q` queries or rows, `k` keys, `P`
+table rows, `d` head size):
 
-- layout choices: `INDEX_DTYPE`, `SCORE_LAYOUT`, `LOGITS_LAYOUT`,
-  `GATHERS_ALONG_ROWS`, `default_block_elements()`, `sizes_are_frozen()`;
-- gathers: `take_columns`, `take_along_rows`;
-- numerics: `softmax`, `masked_softmax_in_place`, `exact_gelu`,
-  `layer_norm`;
-- in-place inference: `works_in_place`, `add_in_place`, `add_matmul_in_place`;
-- recomputed blocks: `checkpoint`, `recomputed_blocks`.
+- layout choices: `INDEX_DTYPE` (of table indices), `SCORE_LAYOUT`
+  ("head_major" or "heads_minor" flat scores), `LOGITS_LAYOUT` ("bhqk" or
+  "bqkh"), `GATHERS_ALONG_ROWS`, `BAND_ROWS` (queries per banded block),
+  `default_block_elements()`, `sizes_are_frozen()`, `is_compiling()`;
+- gathers: `take_columns(table (h, n), columns) -> (*columns, h)`,
+  `take_along_rows(scores (b, h, q, P) or (b, h, P, k), index (b|1, q, k),
+  axis) -> (b, h, q, k)`, `place_keys(outside (..., k), inside (..., w),
+  start) -> (..., k)`;
+- numerics: `softmax`, `masked_softmax_in_place(logits (b, h, q, k),
+  attend, masked_logit)`, `exact_gelu`, `layer_norm(x, gamma, beta,
+  epsilon, size)`;
+- in-place inference: `works_in_place(tensors)`, `add_in_place`,
+  `add_matmul_in_place(total (b, h, q, k), a (b, h, q, d), b (b, h, d,
+  k))`, `multiply_in_place`;
+- recomputed blocks: `checkpoint(fn, rows, tensors, constants)`,
+  `recomputed_blocks(fn, blocks, tensors, constants, key) -> (b, q, h, dv)
+  or None`;
+- the banded path's blocks: `fuses_band()`, `attends_in_parts()`,
+  `attend_in_parts(queries (left, right) (b, q, h, d), constants (left,
+  right) (b, h, q), keys (b, k, h, d), values (b, k, h, dv), band_queries
+  (b, q, h, d), band_positions (b, h, q, band), band_keys (start, stop),
+  key_mask (b, k) | None) -> (b, q, h, dv) or None`.
 """
 
 import functools
