@@ -222,15 +222,23 @@ def _pad_last(x, size):
 
 def _heads_first(x, size):
     """`(batch, length, heads, d)` as the kernels take it: `(batch, heads,
-    length, size)` (zeros past `d`), in row-major strides.
+    length, size)` (zeros past `d`), its last axis contiguous.
 
     The kernels read the last axis as contiguous without checking its
     stride. A Keras projection to a small head size can leave the heads with
     the smallest stride (a head size of 1: a key width equal to the number of
     heads), and `F.pad` keeps such a layout (it guesses channels-last): the
     kernel then read the heads as the head dimension, and every number was
-    wrong, silently. Made row-major here, whatever layout comes in."""
-    return _pad_last(x.transpose(1, 2), size).contiguous(memory_format=torch.contiguous_format)
+    wrong, silently. Copied only then: the other axes' strides the kernels
+    read (a transposed view is not copied, and its keys not kept twice)."""
+    return _last_axis_contiguous(x.transpose(1, 2), size)
+
+
+def _last_axis_contiguous(x, size):
+    """`x` zero-padded to `size` on its last axis, copied only where that
+    axis is not contiguous (see `_heads_first`)."""
+    x = _pad_last(x, size)
+    return x if x.shape[-1] == 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 class _CpuFlash:
@@ -389,8 +397,8 @@ def _parts_function():
             k_parts = {"band": (grad_band.transpose(-1, -2) @ bq)}  # (batch, heads, band, d)
             v_parts = {"band": band_weights.transpose(-1, -2) @ grad}
             grads = {"band_q": (grad_band @ keys[:, start:stop].transpose(1, 2)).transpose(1, 2)}
-            padded_grad = _pad_last(grad, size).contiguous()
-            padded_out = _pad_last(out, size).contiguous()
+            padded_grad, padded_out = _last_axis_contiguous(grad, size), _last_axis_contiguous(
+                out, size)
             for part, q, c, weight, part_out in zip(ctx.far, *saved):
                 first, last = part["keys"]
                 dq, dk, dvv = ctx.kernel.backward(
@@ -423,8 +431,7 @@ def _far_forward(kernel, sides, k, v, additive, key_mask, size, dv):
             continue
         q = _heads_first(q, size)
         mask = None if additive is None else additive[..., first:last].contiguous()
-        out, lse, state = kernel.forward(q, k[:, :, first:last].contiguous(),
-                                         v[:, :, first:last].contiguous(), mask)
+        out, lse, state = kernel.forward(q, k[:, :, first:last], v[:, :, first:last], mask)
         lse = lse + c
         if key_mask is not None:  # the kernels give lse 0 (or NaN) where every key is masked
             seen = key_mask[:, first:last].any(-1)[:, None, None]
