@@ -18,8 +18,20 @@ BACKENDS = ("tensorflow", "jax", "torch")
 JAX_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+def torch_build():
+    """Which torch build pip installed (the CPU one, or the default CUDA one
+    with triton: tests/test_import_order.py), asked in a subprocess so that
+    this runner imports no framework."""
+    code = ("import importlib.util, torch; cuda = torch.version.cuda; "
+            "print(f'torch build: {torch.__version__} ' + (f'(CUDA {cuda})' if cuda else '(CPU)') "
+            "+ '; triton installed:', importlib.util.find_spec('triton') is not None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or "torch build: torch not importable"
+
+
 def main(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(torch_build(), flush=True)
     if not any(a.startswith("-n") or a == "no:xdist" for a in argv):
         argv = ["-n", "auto", *argv]
     failed = []

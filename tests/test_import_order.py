@@ -50,14 +50,20 @@ def test_porting_after_the_package_on_any_backend_does_not_crash():
     assert done.stdout.strip().splitlines()[-1] == str(TRITON)
 
 
+ONCE = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="the same subprocess whatever the backend under test: it runs once, in the "
+           "TensorFlow run (the porting program above runs on every backend)")
+
+
+@ONCE
 def test_tensorflow_imported_first_warns_where_triton_would_crash():
     """Too late to reorder: the package says so (where triton is installed)
     rather than leave a segfault for later; without triton, nothing. (On
-    the torch backend, Keras' own import of `torch._dynamo` then crashes
-    before the package is reached: the same program runs on JAX there.)"""
+    the torch backend, Keras' own import of `torch._dynamo` would crash
+    before the package is reached: this runs on TensorFlow.)"""
     done = run("import warnings\nwarnings.simplefilter('always')\n"
-               "import tensorflow\nimport keras_relattn\n",
-               backend="jax" if BACKEND == "torch" else BACKEND)
+               "import tensorflow\nimport keras_relattn\n")
     assert_ran(done)
     warned = "TensorFlow was imported before triton" in done.stderr
     assert warned == TRITON
@@ -65,6 +71,7 @@ def test_tensorflow_imported_first_warns_where_triton_would_crash():
         assert "tensorflow/tensorflow/issues/124205" in done.stderr
 
 
+@ONCE
 def test_the_crash_this_guards_against_is_real():
     """TensorFlow, then triton, crashes this environment: the order above is
     what makes the first test pass, not luck."""
