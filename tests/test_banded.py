@@ -358,3 +358,16 @@ def test_a_fully_masked_batch_row_is_the_per_token_paths_to_rounding(rng):
     want = per_token_output(layer, x, mask)
     assert_rounding_close(got, want)
     assert_rounding_close(got[1], want[1])  # the masked row, on its own scale
+
+
+def test_long_mixed_float16_pooling_stays_in_range():
+    """The parts' weights are normalized before a float16 matmul: summed
+    unnormalized over 4096 keys, large values passed float16's range (inf)
+    on TensorFlow's path in parts."""
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = RelativeAttention(16, 2, position_embedding_shape=(8, 16), sequence_positions=True)
+    x = np.full((1, 4096, 16), 200.0, "float32")
+    with config.block_settings() as log:
+        got = to_numpy(layer(x, x, x, return_logits=False)).astype("float32")
+    assert log.plans[0].band_width
+    assert np.isfinite(got).all()

@@ -216,12 +216,18 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
             part = ops.where(key_mask[:, None, None, first:last], part, -10000.0)
         logits.append(part)
     exps, total = _softmax_in_parts(logits)
+    # Normalized once, on the pooled rows, where they are at least float32; in
+    # float16 / bfloat16 each weight first (unnormalized, the pooled sum of
+    # thousands of keys could pass float16's range).
+    late = ops.dtype(values) not in ("float16", "bfloat16")
     pooled = None
     for weights, (_, _, first, last) in zip(exps, parts):
+        weights = weights if late else weights / total
         term = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype),
                           values[:, first:last])
         pooled = term if pooled is None else pooled + term
-    # Normalized once, on the pooled rows rather than on every part's weights.
+    if not late:
+        return pooled
     return pooled / ops.cast(ops.transpose(total, (0, 2, 1, 3)), pooled.dtype)
 
 
