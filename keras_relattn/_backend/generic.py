@@ -4,6 +4,7 @@ without a faster way, and the reference each fast path is tested against
 
 import math
 
+from keras import backend as _keras_backend
 from keras import ops
 
 try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
@@ -219,7 +220,7 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
     # Normalized once, on the pooled rows, where they are at least float32; in
     # float16 / bfloat16 each weight first (unnormalized, the pooled sum of
     # thousands of keys could pass float16's range).
-    late = ops.dtype(values) not in ("float16", "bfloat16")
+    late = _keras_backend.standardize_dtype(values.dtype) not in ("float16", "bfloat16")
     pooled = None
     for weights, (_, _, first, last) in zip(exps, parts):
         weights = weights if late else weights / total
