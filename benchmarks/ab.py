@@ -4,7 +4,7 @@ commit REV, in one process, interleaved.
 The package at REV is exported from git into a temporary folder as
 `keras_relattn_base` (its imports renamed), so both versions run in the same
 process on the same data and weights, their calls interleaved round by
-round (`_bench_impl.time_interleaved`): machine noise hits both alike. Prints
+round (`_bench_common.time_interleaved`): machine noise hits both alike. Prints
 each path's median milliseconds and the ratio new / base (1.00: unchanged).
 
 Paths (`--paths`):
@@ -81,36 +81,55 @@ def main(argv=None):
     import keras
     import numpy as np
 
-    import _bench_impl as bench
+    import _bench_common  # noqa: F401  (the helpers use it; loaded before the packages)
     import keras_relattn
     import keras_relattn_base
 
     packages = {"new": keras_relattn, "base": keras_relattn_base}
-    backend = keras.backend.backend()
     rng = np.random.default_rng(0)
     paths = [p.strip() for p in args.paths.split(",")]
-    print(f"keras {keras.__version__}, backend {backend}; new = this checkout, base = "
-          f"{args.base}; medians of {args.repeats} interleaved rounds")
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}; new = this checkout, "
+          f"base = {args.base}; medians of {args.repeats} interleaved rounds")
     print(f"{'path':10} {'workload':9} {'new ms':>9} {'base ms':>9} {'new/base':>9}")
+    time_layer_paths(args, paths, packages, rng)
+    if "model" in paths:
+        time_model(args, packages, rng)
+    time_long_paths(args, paths, packages, rng)
+    return 0
 
-    def report(path, workload, runners):
-        medians = bench.time_interleaved(runners, args.repeats)
-        print(f"{path:10} {workload:9} {medians['new']:9.2f} {medians['base']:9.2f} "
-              f"{medians['new'] / medians['base']:9.2f}", flush=True)
 
-    def layers(coords):
-        made = {}
-        for name, package in packages.items():
-            made[name] = package.RelativeAttention(
-                bench.SIZE, bench.HEADS, position_embedding_shape=(bench.POSITIONS, bench.SIZE),
-                n_coordinates=coords, mode=("c2c", "c2p", "p2c"))
-            made[name].build()
-        weights = [rng.normal(0, 0.1, size=w.shape).astype("float32")
-                   for w in made["new"].get_weights()]
-        for layer in made.values():
-            layer.set_weights(weights)
-        return made
+def report(args, path, workload, runners):
+    import _bench_common as bench
 
+    medians = bench.time_interleaved(runners, args.repeats)
+    print(f"{path:10} {workload:9} {medians['new']:9.2f} {medians['base']:9.2f} "
+          f"{medians['new'] / medians['base']:9.2f}", flush=True)
+
+
+def paired_layers(packages, rng, coords):
+    """Each package's layer, built, the same random weights in both."""
+    import _bench_common as bench
+
+    made = {}
+    for name, package in packages.items():
+        made[name] = package.RelativeAttention(
+            bench.SIZE, bench.HEADS, position_embedding_shape=(bench.POSITIONS, bench.SIZE),
+            n_coordinates=coords, mode=("c2c", "c2p", "p2c"))
+        made[name].build()
+    weights = [rng.normal(0, 0.1, size=w.shape).astype("float32")
+               for w in made["new"].get_weights()]
+    for layer in made.values():
+        layer.set_weights(weights)
+    return made
+
+
+def time_layer_paths(args, paths, packages, rng):
+    """`pooled`, `backward`, `full` (compiled) and `eager`, at each workload."""
+    import keras
+
+    import _bench_common as bench
+
+    backend = keras.backend.backend()
     calls = {"pooled": (bench.ours_pooled_call, False), "backward": (bench.ours_pooled_call, True),
              "full": (bench.ours_call, False)}
     for path in paths:
@@ -121,7 +140,7 @@ def main(argv=None):
         for workload in [w.strip() for w in args.workloads.split(",")]:
             spec = bench.WORKLOADS[workload]
             data = bench.make_data(rng, spec["batch"], spec["length"], spec["coords"])
-            made = layers(spec["coords"])
+            made = paired_layers(packages, rng, spec["coords"])
             if path == "eager":
                 tensors = [keras.ops.convert_to_tensor(a) for a in data]
                 runners = {name: (lambda layer=layer: keras.ops.convert_to_numpy(
@@ -132,28 +151,43 @@ def main(argv=None):
                 runners = {name: bench.compiled_keras(layer, call, backward, data,
                                                       args.torch_compile)
                            for name, layer in made.items()}
-            report(path, workload, runners)
+            report(args, path, workload, runners)
 
-    if "model" in paths:
-        spec = bench.WORKLOADS["W2"]
-        x, mask, rel = bench.make_data(rng, spec["batch"], spec["length"], spec["coords"])
-        y = rng.normal(size=x.shape).astype("float32")
-        models = {}
-        for name, package in packages.items():
-            inputs = keras.Input((None, bench.SIZE))
-            offsets = keras.Input((None, None, 1), dtype="int32")
-            h = inputs
-            for i in range(2):
-                h = package.RelativeTransformerLayer(
-                    bench.SIZE, bench.HEADS, n_coordinates=1, init_resweight=0.5,
-                    position_embedding_shape=(bench.POSITIONS, bench.SIZE),
-                )(h, relative_positions=offsets, return_logits=False)
-            models[name] = keras.Model([inputs, offsets], h)
-            models[name].compile(keras.optimizers.SGD(1e-3), "mse")
-        models["base"].set_weights(models["new"].get_weights())
-        report("model", "W2", {name: (lambda m=m: m.train_on_batch([x, rel], y))
-                               for name, m in models.items()})
 
+def time_model(args, packages, rng):
+    """`model`: `train_on_batch` of a 2-block model, W2."""
+    import keras
+
+    import _bench_common as bench
+
+    spec = bench.WORKLOADS["W2"]
+    x, mask, rel = bench.make_data(rng, spec["batch"], spec["length"], spec["coords"])
+    y = rng.normal(size=x.shape).astype("float32")
+    models = {}
+    for name, package in packages.items():
+        inputs = keras.Input((None, bench.SIZE))
+        offsets = keras.Input((None, None, 1), dtype="int32")
+        h = inputs
+        for i in range(2):
+            h = package.RelativeTransformerLayer(
+                bench.SIZE, bench.HEADS, n_coordinates=1, init_resweight=0.5,
+                position_embedding_shape=(bench.POSITIONS, bench.SIZE),
+            )(h, relative_positions=offsets, return_logits=False)
+        models[name] = keras.Model([inputs, offsets], h)
+        models[name].compile(keras.optimizers.SGD(1e-3), "mse")
+    models["base"].set_weights(models["new"].get_weights())
+    report(args, "model", "W2", {name: (lambda m=m: m.train_on_batch([x, rel], y))
+                                 for name, m in models.items()})
+
+
+def time_long_paths(args, paths, packages, rng):
+    """`long`, `banded`, `deberta`: one forward + backward at `--long-length`."""
+    import keras
+    import numpy as np
+
+    import _bench_common as bench
+
+    backend = keras.backend.backend()
     long_paths = {  # the layer's options, and whether it is given per-token positions
         "long": (dict(position_embedding_shape=(bench.POSITIONS, bench.SIZE)), True),
         "banded": (dict(position_embedding_shape=(bench.POSITIONS, bench.SIZE),
@@ -180,7 +214,6 @@ def main(argv=None):
         medians = bench.time_interleaved(runners, max(2, args.repeats // 3), warmup=1, block=1)
         print(f"{path:10} {n:<9} {medians['new']:9.1f} {medians['base']:9.1f} "
               f"{medians['new'] / medians['base']:9.2f}", flush=True)
-    return 0
 
 
 def _long_step(layer, x, positions, backend, compiled=False):

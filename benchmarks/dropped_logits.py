@@ -27,7 +27,7 @@ def main():
         return code
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
-    from _bench_impl import WORKLOADS, build_ours, make_data, time_interleaved
+    from _bench_common import WORKLOADS, build_ours, make_data, time_interleaved
 
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__}, {args.backend}, compiled; medians in ms")

@@ -44,7 +44,7 @@ def best_ms(step, repeats=3):
 
 
 def ablation(length):
-    import _bench_impl as b
+    import bench_long as b
     import keras
     from keras_relattn import RelativeAttention
 
@@ -76,7 +76,7 @@ def ablation(length):
 
 
 def torch_profile(length):
-    import _bench_impl as b
+    import bench_long as b
     import keras
     from torch.profiler import ProfilerActivity, profile
 
@@ -100,7 +100,7 @@ def tensorflow_gathers(length):
     import numpy as np
     import tensorflow as tf
 
-    import _bench_impl as b
+    import _bench_common as b
 
     heads, positions = b.HEADS, b.POSITIONS
     rows = 2**23 // (heads * length)  # one block of the recomputed path
