@@ -2,8 +2,8 @@
 
 The offsets of a block (`(batch or 1, rows, keys, coordinates)` integers)
 come from one of three forms, each a small static description whose tensors
-live apart, in a dict (so that a block can be recomputed, or compiled once,
-from its named inputs):
+live apart, in a record (`_records`: so that a block can be recomputed, or
+compiled once, from its inputs):
 
 - `PairOffsets`: the `relative_positions` the caller gave, every pair's;
 - `TokenOffsets`: `key - query` from each token's coordinates;
@@ -18,7 +18,11 @@ import dataclasses
 
 from keras import ops
 
+from typing import Any
+
 from keras_relattn import _backend, _checks
+from keras_relattn._records import Record
+from keras_relattn._rows import take_rows
 
 # Any offset beyond +-2**30 lies beyond any table: clamping there keeps the
 # result and fits int32.
@@ -47,54 +51,19 @@ def table_index(offsets, n_positions):
     return ops.clip(offsets, -half, n_positions - 1 - half) + half
 
 
-class BlockRows:
-    """The queries of one block in a loop over equal blocks: `size` rows from
-    `start`, a traced integer. Read wherever a `slice` of rows is."""
-
-    def __init__(self, start, size):
-        self.start = start
-        self.size = size
-
-
-def first_row(rows):
-    """The number of a block's first query (0 for every query)."""
-    return 0 if rows.start is None else rows.start
-
-
-def take_rows(x, axis, rows):
-    """`x`'s queries axis (`axis`) sliced to `rows` (a `slice` or
-    `BlockRows`), unless it has size 1 (it broadcasts).
-
-    A size not known statically may be 1 at run time: the rows are then
-    taken by number, each clamped to the axis (so a broadcast axis gives its
-    one row, repeated), never a Python test of that size.
-    """
-    size = _checks.shape_of(x)[axis]
-    if size == 1 or (not isinstance(rows, BlockRows) and rows == slice(None)):
-        return x
-    if size is None and not _checks.is_guarded_size(x.shape[axis]):
-        count = rows.size if isinstance(rows, BlockRows) else rows.stop - rows.start
-        number = ops.arange(count, dtype="int32") + ops.cast(first_row(rows), "int32")
-        last = ops.cast(ops.shape(x)[axis], "int32") - 1
-        return ops.take(x, ops.minimum(number, last), axis=axis)
-    if isinstance(rows, BlockRows):
-        start = [0] * len(x.shape)
-        start[axis] = rows.start
-        shape = list(x.shape)
-        shape[axis] = rows.size
-        return ops.slice(x, start, shape)
-    return x[(slice(None),) * axis + (rows,)]
+@dataclasses.dataclass(frozen=True)
+class PairTensors(Record):
+    offsets: Any  # (batch or 1, queries, keys, coordinates) integers
 
 
 @dataclasses.dataclass(frozen=True)
 class PairOffsets:
-    """The offsets as given: `tensors["offsets"]`, `(batch or 1, queries,
-    keys, coordinates)`."""
+    """The offsets as given (`PairTensors`)."""
 
     def rows(self, tensors, rows, keys=slice(None)):
         """`(batch or 1, rows, keys, coordinates)` offsets of the queries
         `rows` to the keys `keys` (a span of them, or all)."""
-        return take_rows(take_rows(tensors["offsets"], 1, rows), 2, keys)
+        return take_rows(take_rows(tensors.offsets, 1, rows), 2, keys)
 
     def position_factor(self, tensors, rows):
         """A 0/1 factor on the position terms of these rows, broadcastable
@@ -103,18 +72,23 @@ class PairOffsets:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenTensors(Record):
+    query_positions: Any  # (batch or 1, queries, coordinates) int32
+    key_positions: Any  # (batch or 1, keys, coordinates) int32
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenOffsets:
-    """`key - query` from `tensors["query_positions"]` `(batch or 1, queries,
-    coordinates)` and `tensors["key_positions"]` `(batch or 1, keys,
-    coordinates)`, int32: the low 32 bits of any integer dtype, subtracted in
+    """`key - query` from each token's coordinates (`TokenTensors`), int32:
+    the low 32 bits of any integer dtype, subtracted in
     wrapping int32 arithmetic, exact whenever the offset fits int32;
     `table_index` then clamps it to the table."""
 
     def rows(self, tensors, rows, keys=slice(None)):
         # `expand_dims`, not `x[:, None]`: LiteRT's converter makes that
         # index a `FlexStridedSlice`, which its builtin interpreter lacks.
-        query = take_rows(tensors["query_positions"], 1, rows)
-        key = take_rows(tensors["key_positions"], 1, keys)
+        query = take_rows(tensors.query_positions, 1, rows)
+        key = take_rows(tensors.key_positions, 1, keys)
         return ops.expand_dims(key, 1) - ops.expand_dims(query, 2)
 
     def position_factor(self, tensors, rows):
@@ -125,17 +99,26 @@ BOX_COLUMNS = ("xmin", "ymin", "ymax", "height")
 
 
 @dataclasses.dataclass(frozen=True)
+class BoxTensors(Record):
+    """The boxes of each page, the leading token's box first."""
+
+    xmin: Any  # (pages, tokens) float32
+    ymin: Any  # (pages, tokens)
+    ymax: Any  # (pages, tokens)
+    height: Any  # (pages, tokens)
+    has_terms: Any  # (1, tokens): 0 for the leading token, 1 elsewhere
+
+
+@dataclasses.dataclass(frozen=True)
 class BoxOffsets:
-    """edspdf's box offsets (`box_pair_offsets`) from `tensors["xmin"]`,
-    `["ymin"]`, `["ymax"]`, `["height"]`, `(pages, tokens)` float32 with the
-    leading token's box first, and `tensors["has_terms"]` `(1, tokens)`, 0
-    for the leading token (its row and column lose their position terms), 1
-    elsewhere. `scale` is the scale of the x offsets."""
+    """edspdf's box offsets (`box_pair_offsets`) from `BoxTensors`; the
+    leading token's row and column lose their position terms. `scale` is
+    the scale of the x offsets."""
 
     scale: int
 
     def rows(self, tensors, rows, keys=slice(None)):
-        boxes = [tensors[name] for name in BOX_COLUMNS]
+        boxes = [getattr(tensors, name) for name in BOX_COLUMNS]
         return box_pair_offsets(  # `expand_dims`: see `TokenOffsets.rows`
             [ops.expand_dims(take_rows(c, 1, rows), 2) for c in boxes],
             [ops.expand_dims(c, 1) for c in boxes],
@@ -143,25 +126,25 @@ class BoxOffsets:
         )
 
     def position_factor(self, tensors, rows):
-        has_terms = tensors["has_terms"]
+        has_terms = tensors.has_terms
         query = take_rows(has_terms, 1, rows)
         return ops.expand_dims(query, 2) * ops.expand_dims(has_terms, 1)
 
 
 @dataclasses.dataclass
 class FormedOffsets:
-    """Offsets formed block by block: a form (above) and its tensors."""
+    """Offsets formed block by block: a form (above) and its tensors' record."""
 
     form: object
-    tensors: dict
+    tensors: Record
 
 
 def token_offsets(query_positions, key_positions):
     """`FormedOffsets` of per-token coordinates (see `TokenOffsets`)."""
-    return FormedOffsets(TokenOffsets(), {
-        "query_positions": ops.cast(query_positions, "int32"),
-        "key_positions": ops.cast(key_positions, "int32"),
-    })
+    return FormedOffsets(TokenOffsets(), TokenTensors(
+        query_positions=ops.cast(query_positions, "int32"),
+        key_positions=ops.cast(key_positions, "int32"),
+    ))
 
 
 def sequence_offsets(queries, keys):
@@ -202,8 +185,9 @@ def box_offsets(boxes, n_relative_positions, dtype):
         for name in BOX_COLUMNS
     }
     n_tokens = ops.shape(tensors["xmin"])[1]
-    tensors["has_terms"] = ops.cast(ops.arange(n_tokens) > 0, dtype)[None]  # (1, tokens)
-    return FormedOffsets(BoxOffsets(int(n_relative_positions)), tensors)
+    has_terms = ops.cast(ops.arange(n_tokens) > 0, dtype)[None]  # (1, tokens)
+    return FormedOffsets(BoxOffsets(int(n_relative_positions)),
+                         BoxTensors(**tensors, has_terms=has_terms))
 
 
 def box_pair_offsets(query, key, n_relative_positions):

@@ -9,9 +9,10 @@ each block scores its own queries and band instead (`scored_per_block`):
 no scores of the whole input are kept, nor their gradients.
 
 `PositionTerms` is the static description of one call's terms (hashable:
-what a compiled block is cached by); its tensors (the scores, the offsets'
-tensors, the no-position factor) live apart in a dict, made by
-`position_terms`. Three gathers, chosen once from the backend and the
+what a compiled block is cached by); its tensors live apart, made by
+`position_terms`: `PositionTensors` (what the gradient flows to: the
+scores, or what each block scores) and `PositionConstants` (the offsets'
+tensors, the no-position factor). Three gathers, chosen once from the backend and the
 sizes:
 
 - `"along_rows"`: along each row of `(batch, heads, rows, P)` scores, straight into
@@ -29,7 +30,9 @@ from typing import Any
 from keras import ops
 
 from keras_relattn import _backend, _checks, config
-from keras_relattn._offsets import FormedOffsets, PairOffsets, first_row, table_index, take_rows
+from keras_relattn._offsets import FormedOffsets, PairOffsets, PairTensors, table_index
+from keras_relattn._records import Record
+from keras_relattn._rows import first_row, take_rows
 from keras_relattn.positions import log_bucket_positions
 
 # Up to this many heads, "heads_minor" scores come from one plain matmul with
@@ -37,13 +40,36 @@ from keras_relattn.positions import log_bucket_positions
 # work of that matmul outweighs what it saves.
 BLOCK_DIAGONAL_MAX_HEADS = 4
 
-# What each term's scores are made of when each block makes its own
-# (`PositionTerms.scored_per_block`): the tensor of the rows scored (queries
-# for c2p, keys for p2c), and the prefix of the table parts `{prefix}{x}`.
-SCORED_FROM = {"c2p": ("position_q", "table_k"), "p2c": ("position_k", "table_q")}
-
 LAYOUTS = ("head_major", "heads_minor")
 OUTPUTS = ("bqkh", "bhqk")
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionTensors(Record):
+    """The tensors of the position terms that the gradient flows to: the
+    table scores made once, or (`PositionTerms.scored_per_block`) what each
+    block scores its own rows from."""
+
+    # Per coordinate, `(c2p, p2c)` scores laid out for the gather (None: the
+    # term is off), made once for the whole input.
+    scores: tuple = ()
+    # `scored_per_block`: the scaled queries `(batch, queries, heads, d)`
+    # (c2p) and the keys `(batch, keys, heads, d)` (p2c), None where that
+    # term is off, and per coordinate the table parts `(P, heads, chunk)`:
+    # `pos_k[:, x]` (c2p) and `pos_q[:, x]` (p2c).
+    queries: Any = None
+    keys: Any = None
+    key_table: tuple = ()
+    query_table: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionConstants(Record):
+    """The read-only tensors of the position terms."""
+
+    offsets: Any  # the offsets' form's tensors (`_offsets.PairTensors`, ...)
+    # A 0/1 factor `(batch or 1, queries or 1, keys or 1)` (0: no terms), or None.
+    position_factor: Any = None
 
 
 def flat_index_fits(*sizes):
@@ -91,41 +117,35 @@ class PositionTerms:
     def heads_last(self):
         return self.output == "bqkh"
 
-    def score_names(self):
-        """The names of the tensors a block differentiates: the table scores,
-        or (`scored_per_block`) the queries, keys and table parts they are
-        made of."""
-        if not self.scored_per_block:
-            return [f"{term}{x}" for x in range(self.coords) for term in self.terms]
-        names = []
-        for term in self.terms:
-            rows, table = SCORED_FROM[term]
-            names += [rows] + [f"{table}{x}" for x in range(self.coords)]
-        return names
-
     def block_scores(self, tensors, rows, keys):
         """The table scores of the queries `rows` and of the keys `keys`
-        alone (`scored_per_block`), laid out for the gather."""
-        scores = {}
-        for term in self.terms:
-            name, table = SCORED_FROM[term]
-            scored = take_rows(tensors[name], 1, rows if term == "c2p" else keys)
+        alone (`scored_per_block`), laid out for the gather: per coordinate,
+        `(c2p, p2c)`."""
+        parts = {}
+        for term, x, tables in (("c2p", tensors.queries, tensors.key_table),
+                                ("p2c", tensors.keys, tensors.query_table)):
+            if x is None:
+                continue
+            scored = take_rows(x, 1, rows if term == "c2p" else keys)
             chunk = scored.shape[-1] // self.coords
-            for x in range(self.coords):
-                scores[f"{term}{x}"] = _scores(self, scored[..., x * chunk:(x + 1) * chunk],
-                                               tensors[f"{table}{x}"], term, self.block_diagonal)
-        return scores
+            parts[term] = [_scores(self, scored[..., c * chunk:(c + 1) * chunk], tables[c], term,
+                                   self.block_diagonal) for c in range(self.coords)]
+        return tuple((parts["c2p"][c] if "c2p" in parts else None,
+                      parts["p2c"][c] if "p2c" in parts else None)
+                     for c in range(self.coords))
 
-    def logits(self, tensors, rows=slice(None), in_place=False, keys=slice(None)):
+    def logits(self, tensors, constants, rows=slice(None), in_place=False, keys=slice(None)):
         """c2p + p2c for the queries `rows` and the keys `keys` (a span of
-        them, or all), in the `output` layout.
+        them, or all), in the `output` layout, from `PositionTensors` and
+        `PositionConstants`.
 
         `in_place` (`_backend.works_in_place`): every term after the first
         gathered into one spare buffer and added in place; the pairs without
         position terms zeroed in place.
         """
-        offsets = self.offsets.rows(tensors, rows, keys)
-        scored = self.block_scores(tensors, rows, keys) if self.scored_per_block else tensors
+        offsets = self.offsets.rows(constants.offsets, rows, keys)
+        scored = (self.block_scores(tensors, rows, keys) if self.scored_per_block
+                  else tensors.scores)
         if self.buckets is not None:  # DeBERTa's: the bucket of query - key
             offsets = -log_bucket_positions(offsets, *self.buckets)
         index = table_index(offsets, self.n_positions)
@@ -134,7 +154,7 @@ class PositionTerms:
         for x in range(self.coords):
             idx = index[..., x]
             for term in self.terms:
-                scores = scored[f"{term}{x}"]
+                scores = scored[x][0 if term == "c2p" else 1]
                 if total is None:
                     total = self._gather(scores, idx, term, rows, keys)
                 elif in_place and self.gather == "along_rows":
@@ -142,9 +162,9 @@ class PositionTerms:
                     total = backend.add_in_place(total, spare)
                 else:
                     total = total + self._gather(scores, idx, term, rows, keys)
-        factor = (take_rows(take_rows(tensors["position_factor"], 1, rows), 2, keys)
+        factor = (take_rows(take_rows(constants.position_factor, 1, rows), 2, keys)
                   if self.has_position_factor else None)
-        pairs = self.offsets.position_factor(tensors, rows)
+        pairs = self.offsets.position_factor(constants.offsets, rows)
         if pairs is not None:
             factor = pairs if factor is None else factor * pairs
         if factor is not None:
@@ -197,9 +217,9 @@ class PositionTerms:
 def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None,
                    layout=None, output=None, block_diagonal=None, buckets=None,
                    per_block=False):
-    """The c2p + p2c terms of one call: `(PositionTerms, tensors)`, the table
-    scores made once, to be gathered per block of queries (or, `per_block`,
-    what each block makes its own from).
+    """The c2p + p2c terms of one call: `(PositionTerms, PositionTensors,
+    PositionConstants)`, the table scores made once, to be gathered per
+    block of queries (or, `per_block`, what each block makes its own from).
 
     Args:
         q: `(batch, queries, heads, head_size)`, scaled.
@@ -223,7 +243,6 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
     """
     backend = _backend.get()
     table = pos_k if pos_k is not None else pos_q
-    n_positions = ops.shape(table)[0]
     coords, heads = table.shape[1], table.shape[2]
     layout = backend.SCORE_LAYOUT if layout is None else layout
     output = backend.LOGITS_LAYOUT if output is None else output
@@ -231,51 +250,67 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     if output not in OUTPUTS:
         raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
-    batch, n_queries, n_keys = ops.shape(q)[0], ops.shape(q)[1], ops.shape(k)[1]
-    if isinstance(relative_positions, FormedOffsets):
-        form, tensors = relative_positions.form, dict(relative_positions.tensors)
-    else:  # sizes of 1 broadcast over queries and keys (as in edspdf)
-        form, tensors = PairOffsets(), {"offsets": ops.broadcast_to(
-            relative_positions,
-            (ops.shape(relative_positions)[0], n_queries, n_keys, coords),
-        )}
+    constants = _constants(q, k, relative_positions, no_position_mask, coords)
+    terms = PositionTerms(
+        offsets=(relative_positions.form if isinstance(relative_positions, FormedOffsets)
+                 else PairOffsets()),
+        n_positions=ops.shape(table)[0], coords=coords, heads=heads,
+        terms=tuple(t for t, table in (("c2p", pos_k), ("p2c", pos_q)) if table is not None),
+        layout=layout, output=output,
+        batch=ops.shape(q)[0], n_queries=ops.shape(q)[1], n_keys=ops.shape(k)[1],
+        has_position_factor=constants.position_factor is not None, buckets=buckets,
+        scored_per_block=per_block,
+        block_diagonal=heads <= BLOCK_DIAGONAL_MAX_HEADS if block_diagonal is None
+        else block_diagonal,
+        **_gather_for(backend, layout, output, ops.shape(q)[0], ops.shape(q)[1],
+                      ops.shape(k)[1], ops.shape(table)[0]),
+    )
+    if per_block:
+        return terms, PositionTensors(
+            queries=None if pos_k is None else q, keys=None if pos_q is None else k,
+            key_table=() if pos_k is None else tuple(pos_k[:, x] for x in range(coords)),
+            query_table=() if pos_q is None else tuple(pos_q[:, x] for x in range(coords)),
+        ), constants
+    chunk = q.shape[-1] // coords
+    scores = []
+    for x in range(coords):
+        part = slice(x * chunk, (x + 1) * chunk)
+        scores.append((
+            None if pos_k is None else _scores(terms, q[..., part], pos_k[:, x], "c2p",
+                                               terms.block_diagonal),
+            None if pos_q is None else _scores(terms, k[..., part], pos_q[:, x], "p2c",
+                                               terms.block_diagonal),
+        ))
+    return terms, PositionTensors(scores=tuple(scores)), constants
+
+
+def _gather_for(backend, layout, output, batch, n_queries, n_keys, n_positions):
+    """The gather (`PositionTerms.gather`) and its index dtype."""
     fits = flat_index_fits(batch, n_queries, n_positions) and (
         flat_index_fits(batch, n_keys, n_positions)
     )
     if backend.GATHERS_ALONG_ROWS and output == "bhqk" and layout == "head_major":
-        gather, index_dtype = "along_rows", backend.INDEX_DTYPE
-    elif fits or backend.INDEX_DTYPE == "int64":
-        gather, index_dtype = "flat", "int32" if fits else "int64"
+        return dict(gather="along_rows", index_dtype=backend.INDEX_DTYPE)
+    if fits or backend.INDEX_DTYPE == "int64":
+        return dict(gather="flat", index_dtype="int32" if fits else "int64")
+    return dict(gather="per_row", index_dtype=backend.INDEX_DTYPE)
+
+
+def _constants(q, k, relative_positions, no_position_mask, coords):
+    """The `PositionConstants`: the offsets' tensors (offsets given whole,
+    with sizes of 1 broadcast over queries and keys, as in edspdf) and the
+    no-position factor."""
+    if isinstance(relative_positions, FormedOffsets):
+        offsets = relative_positions.tensors
     else:
-        gather, index_dtype = "per_row", backend.INDEX_DTYPE
+        offsets = PairTensors(ops.broadcast_to(
+            relative_positions,
+            (ops.shape(relative_positions)[0], ops.shape(q)[1], ops.shape(k)[1], coords),
+        ))
+    factor = None
     if no_position_mask is not None:  # a 0/1 factor, (batch or 1, queries or 1, keys or 1)
-        tensors["position_factor"] = ops.cast(
-            ops.logical_not(_checks.as_bool(no_position_mask)), q.dtype)
-    if block_diagonal is None:
-        block_diagonal = heads <= BLOCK_DIAGONAL_MAX_HEADS
-    terms = PositionTerms(
-        offsets=form, n_positions=n_positions, coords=coords, heads=heads,
-        terms=tuple(t for t, table in (("c2p", pos_k), ("p2c", pos_q)) if table is not None),
-        gather=gather, layout=layout, output=output, index_dtype=index_dtype,
-        batch=batch, n_queries=n_queries, n_keys=n_keys,
-        has_position_factor="position_factor" in tensors, buckets=buckets,
-        scored_per_block=per_block, block_diagonal=block_diagonal,
-    )
-    if per_block:
-        for term, scored, table in (("c2p", q, pos_k), ("p2c", k, pos_q)):
-            if table is not None:
-                name, prefix = SCORED_FROM[term]
-                tensors[name] = scored
-                tensors.update((f"{prefix}{x}", table[:, x]) for x in range(coords))
-        return terms, tensors
-    chunk = q.shape[-1] // coords
-    for x in range(coords):
-        part = slice(x * chunk, (x + 1) * chunk)
-        if pos_k is not None:
-            tensors[f"c2p{x}"] = _scores(terms, q[..., part], pos_k[:, x], "c2p", block_diagonal)
-        if pos_q is not None:
-            tensors[f"p2c{x}"] = _scores(terms, k[..., part], pos_q[:, x], "p2c", block_diagonal)
-    return terms, tensors
+        factor = ops.cast(ops.logical_not(_checks.as_bool(no_position_mask)), q.dtype)
+    return PositionConstants(offsets=offsets, position_factor=factor)
 
 
 def _scores(terms, x, table, term, block_diagonal):

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_relattn import _checks, _offsets
+from keras_relattn import _arguments, _checks, _offsets
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.transformer import RelativeTransformerLayer, serialize_activation
 
@@ -95,15 +95,15 @@ class BoxTransformer(KeywordCallArguments, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.input_size = _checks.positive_int("input_size", input_size)
-        self.n_layers = _checks.positive_int("n_layers", n_layers)
+        self.input_size = _arguments.positive_int("input_size", input_size)
+        self.n_layers = _arguments.positive_int("n_layers", n_layers)
         if n_relative_positions is not None:
-            n_relative_positions = _checks.positive_int(
+            n_relative_positions = _arguments.positive_int(
                 "n_relative_positions", n_relative_positions
             )
         self.n_relative_positions = n_relative_positions
-        self.num_heads = _checks.positive_int("num_heads", num_heads)
-        self.dropout_p = _checks.dropout_rate("dropout_p", dropout_p)
+        self.num_heads = _arguments.positive_int("num_heads", num_heads)
+        self.dropout_p = _arguments.dropout_rate("dropout_p", dropout_p)
         self.head_size = head_size
         self.activation = activation
         self.init_resweight = float(init_resweight)

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 from typing import List, Optional
 
-from keras_relattn import _checks
+from keras_relattn import _arguments
 
 __all__ = ["BlockPlan", "BlockSettings", "BlockLog", "block_settings", "get_block_settings"]
 
@@ -118,8 +118,8 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
                              ("flat_index_limit", flat_index_limit, 1),
                              ("band_rows", band_rows, 1)):
         if value is not None:
-            value = (_checks.positive_int(name, value) if low
-                     else _checks.non_negative_int(name, value))
+            value = (_arguments.positive_int(name, value) if low
+                     else _arguments.non_negative_int(name, value))
             changes[name] = value
     _settings.append(dataclasses.replace(get_block_settings(), **changes))
     log = BlockLog()

@@ -9,11 +9,13 @@ documents the way the layer does: blocks of queries, the banded path,
 recomputed blocks in the backward pass, no `(tokens, tokens)` tensor.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _checks
+from keras_relattn import _arguments, _checks
 from keras_relattn.relative_attention import RelativeAttention
 
 __all__ = ["DebertaV3Encoder", "backbone", "from_keras_hub", "from_transformers",
@@ -57,15 +59,15 @@ class DebertaV3Encoder(keras.layers.Layer):
                  bucket_size=256, max_position=512, dropout=0.1, attention_dropout=0.1,
                  layer_norm_epsilon=1e-7, padding="transformers", **kwargs):
         super().__init__(**kwargs)
-        self.vocabulary_size = _checks.positive_int("vocabulary_size", vocabulary_size)
-        self.num_layers = _checks.positive_int("num_layers", num_layers)
-        self.num_heads = _checks.positive_int("num_heads", num_heads)
-        self.hidden_dim = _checks.positive_int("hidden_dim", hidden_dim)
-        self.intermediate_dim = _checks.positive_int("intermediate_dim", intermediate_dim)
-        self.bucket_size, self.max_position = _checks.bucket_arguments(
+        self.vocabulary_size = _arguments.positive_int("vocabulary_size", vocabulary_size)
+        self.num_layers = _arguments.positive_int("num_layers", num_layers)
+        self.num_heads = _arguments.positive_int("num_heads", num_heads)
+        self.hidden_dim = _arguments.positive_int("hidden_dim", hidden_dim)
+        self.intermediate_dim = _arguments.positive_int("intermediate_dim", intermediate_dim)
+        self.bucket_size, self.max_position = _arguments.bucket_arguments(
             bucket_size, max_position, owner=f"`{type(self).__name__}`")
-        self.dropout = _checks.dropout_rate("dropout", dropout)
-        self.attention_dropout = _checks.dropout_rate("attention_dropout", attention_dropout)
+        self.dropout = _arguments.dropout_rate("dropout", dropout)
+        self.attention_dropout = _arguments.dropout_rate("attention_dropout", attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         if padding not in ("transformers", "keras_hub"):
             raise ValueError("`padding` must be 'transformers' or 'keras_hub'. Received: "
@@ -335,7 +337,7 @@ def to_transformers_state_dict(model):
         - Hugging Face transformers, `DebertaV2Model`.
     """
     encoder = model if isinstance(model, DebertaV3Encoder) else model.get_layer("encoder")
-    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), "float32")  # noqa: E731
+    value = _float32
     state = {
         "embeddings.word_embeddings.weight": value(encoder.token_embedding.embeddings),
         "embeddings.LayerNorm.weight": value(encoder.embeddings_norm.gamma),
@@ -390,42 +392,115 @@ def from_keras_hub(keras_hub_backbone):
     References:
         - KerasHub, `keras_hub.models.DebertaV3Backbone`.
     """
-    source = keras_hub_backbone
-    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), "float32")  # noqa: E731
-    first = source.transformer_layers[0]
-    model = backbone(
-        vocabulary_size=source.vocabulary_size, num_layers=source.num_layers,
-        num_heads=source.num_heads, hidden_dim=source.hidden_dim,
-        intermediate_dim=source.intermediate_dim, bucket_size=source.bucket_size,
-        max_position=source.max_sequence_length, dropout=source.dropout,
-        attention_dropout=source.dropout, layer_norm_epsilon=first.layer_norm_epsilon,
-        padding="keras_hub",
-    )
+    weights = _keras_hub_weights(keras_hub_backbone)
+    model = backbone(**weights.arguments, padding="keras_hub")
     encoder = model.get_layer("encoder")
-    encoder.token_embedding.embeddings.assign(value(source.token_embedding.embeddings))
-    _copy_norm(encoder.embeddings_norm, source.embeddings_layer_norm)
-    encoder.relative_table.assign(value(source.relative_embeddings.rel_embeddings))
-    _copy_norm(encoder.relative_norm, source.relative_embeddings.layer_norm)
-    for block, layer in zip(encoder.blocks, source.transformer_layers):
-        ours, theirs = block["attention"], layer._self_attention_layer
-        for mine, their in ((ours.query_projection, theirs._query_dense),
-                            (ours.key_projection, theirs._key_dense),
-                            (ours.value_projection, theirs._value_dense)):
-            mine.kernel.assign(value(their.kernel))
-            mine.bias.assign(value(their.bias))
-        output = theirs._output_dense  # (heads, d, hidden)
-        block["attention_output"].kernel.assign(
-            value(output.kernel).reshape(-1, source.hidden_dim))
-        block["attention_output"].bias.assign(value(output.bias))
-        _copy_norm(block["attention_norm"], layer._self_attention_layer_norm)
-        for mine, their in ((block["intermediate"], layer._feedforward_intermediate_dense),
-                            (block["output"], layer._feedforward_output_dense)):
-            mine.kernel.assign(value(their.kernel))
-            mine.bias.assign(value(their.bias))
-        _copy_norm(block["output_norm"], layer._feedforward_layer_norm)
+    encoder.token_embedding.embeddings.assign(weights.token_embedding)
+    _set_norm(encoder.embeddings_norm, weights.embeddings_norm)
+    encoder.relative_table.assign(weights.relative_table)
+    _set_norm(encoder.relative_norm, weights.relative_norm)
+    for block, layer in zip(encoder.blocks, weights.layers):
+        attention = block["attention"]
+        for mine, theirs in ((attention.query_projection, layer.query),
+                             (attention.key_projection, layer.key),
+                             (attention.value_projection, layer.value),
+                             (block["attention_output"], layer.attention_output),
+                             (block["intermediate"], layer.intermediate),
+                             (block["output"], layer.output)):
+            mine.kernel.assign(theirs.kernel)
+            mine.bias.assign(theirs.bias)
+        _set_norm(block["attention_norm"], layer.attention_norm)
+        _set_norm(block["output_norm"], layer.output_norm)
     return model
 
 
-def _copy_norm(mine, theirs):
-    mine.gamma.assign(keras.ops.convert_to_numpy(theirs.gamma))
-    mine.beta.assign(keras.ops.convert_to_numpy(theirs.beta))
+@dataclasses.dataclass(frozen=True)
+class _Dense:
+    kernel: np.ndarray
+    bias: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    gamma: np.ndarray
+    beta: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _KerasHubLayer:
+    """One KerasHub transformer layer's weights, in our blocks' shapes."""
+
+    query: _Dense  # (hidden, heads, head_size), (heads, head_size)
+    key: _Dense
+    value: _Dense
+    attention_output: _Dense  # (heads * head_size, hidden), (hidden,)
+    attention_norm: _Norm
+    intermediate: _Dense  # (hidden, intermediate), (intermediate,)
+    output: _Dense  # (intermediate, hidden), (hidden,)
+    output_norm: _Norm
+
+
+@dataclasses.dataclass(frozen=True)
+class _KerasHubWeights:
+    """What `from_keras_hub` reads of a `DebertaV3Backbone`: NumPy arrays."""
+
+    arguments: dict  # `DebertaV3Encoder`'s, but `padding`
+    token_embedding: np.ndarray  # (vocabulary_size, hidden)
+    embeddings_norm: _Norm
+    relative_table: np.ndarray  # (2 * bucket_size, hidden)
+    relative_norm: _Norm
+    layers: tuple  # a `_KerasHubLayer` per transformer layer
+
+
+def _keras_hub_weights(source):
+    """The one reader of a KerasHub `DebertaV3Backbone`'s internals (its
+    sublayers and their private attributes, which KerasHub may rename): its
+    settings and weights as a `_KerasHubWeights`."""
+    first = source.transformer_layers[0]
+    arguments = {
+        "vocabulary_size": source.vocabulary_size, "num_layers": source.num_layers,
+        "num_heads": source.num_heads, "hidden_dim": source.hidden_dim,
+        "intermediate_dim": source.intermediate_dim, "bucket_size": source.bucket_size,
+        "max_position": source.max_sequence_length, "dropout": source.dropout,
+        "attention_dropout": source.dropout, "layer_norm_epsilon": first.layer_norm_epsilon,
+    }
+    layers = []
+    for layer in source.transformer_layers:
+        attention = layer._self_attention_layer
+        output = attention._output_dense  # kernel (heads, head_size, hidden)
+        layers.append(_KerasHubLayer(
+            query=_dense_of(attention._query_dense),
+            key=_dense_of(attention._key_dense),
+            value=_dense_of(attention._value_dense),
+            attention_output=_Dense(
+                _float32(output.kernel).reshape(-1, source.hidden_dim), _float32(output.bias)),
+            attention_norm=_norm_of(layer._self_attention_layer_norm),
+            intermediate=_dense_of(layer._feedforward_intermediate_dense),
+            output=_dense_of(layer._feedforward_output_dense),
+            output_norm=_norm_of(layer._feedforward_layer_norm),
+        ))
+    return _KerasHubWeights(
+        arguments=arguments,
+        token_embedding=_float32(source.token_embedding.embeddings),
+        embeddings_norm=_norm_of(source.embeddings_layer_norm),
+        relative_table=_float32(source.relative_embeddings.rel_embeddings),
+        relative_norm=_norm_of(source.relative_embeddings.layer_norm), layers=tuple(layers),
+    )
+
+
+def _float32(v):
+    return np.asarray(keras.ops.convert_to_numpy(v), "float32")
+
+
+def _dense_of(layer):
+    return _Dense(_float32(layer.kernel), _float32(layer.bias))
+
+
+def _norm_of(layer):
+    # A norm's weights are copied in their own dtype (float32 or not), as they always were.
+    return _Norm(keras.ops.convert_to_numpy(layer.gamma), keras.ops.convert_to_numpy(layer.beta))
+
+
+def _set_norm(mine, theirs):
+    mine.gamma.assign(theirs.gamma)
+    mine.beta.assign(theirs.beta)

@@ -1,9 +1,9 @@
 """`PositionTable`: one trainable relative-position table for many layers."""
 
 import keras
-
-from keras_relattn import _checks
 from keras import ops
+
+from keras_relattn import _arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_relattn")
@@ -67,8 +67,8 @@ class PositionTable(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.n_positions = _checks.positive_int("n_positions", n_positions)
-        self.size = _checks.positive_int("size", size)
+        self.n_positions = _arguments.positive_int("n_positions", n_positions)
+        self.size = _arguments.positive_int("size", size)
         self.initializer = keras.initializers.get(
             initializer or keras.initializers.RandomNormal(stddev=1.0)
         )

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _checks
+from keras_relattn import _arguments
 from keras_relattn._offsets import OFFSET_BOUND as _OFFSET_BOUND
 from keras_relattn._offsets import box_pair_offsets
 
@@ -221,7 +221,7 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
         - He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled
           Attention", ICLR 2021 (log buckets: DeBERTa-v2/v3 code).
     """
-    bucket_size, max_position = _checks.bucket_arguments(bucket_size, max_position)
+    bucket_size, max_position = _arguments.bucket_arguments(bucket_size, max_position)
     mid = bucket_size // 2
     edges_found, complete = _bucket_edges(bucket_size, max_position)
     n_edges = len(edges_found)

@@ -1,12 +1,13 @@
 """The `RelativeAttention` layer: DeBERTa-style disentangled attention."""
 
+import dataclasses
 import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_relattn import _checks, _offsets, _pooled
+from keras_relattn import _arguments, _block_plan, _checks, _offsets
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn._logits import LogitSum, attend, combine_masks
 from keras_relattn._position_terms import position_terms
@@ -165,61 +166,30 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         - edspdf, `edspdf.layers.relative_attention.RelativeAttention`.
     """
 
-    def __init__(
-        self,
-        size,
-        n_heads,
-        query_size=None,
-        key_size=None,
-        value_size=None,
-        head_size=None,
-        position_embedding=None,
-        dropout_p=0.0,
-        same_key_query_proj=False,
-        same_positional_key_query_proj=False,
-        n_coordinates=1,
-        head_bias=True,
-        do_pooling=True,
-        mode=("c2c", "c2p", "p2c"),
-        n_additional_heads=0,
-        position_embedding_shape=None,
-        position_embedding_trainable=False,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        seed=None,
-        sequence_positions=False,
-        tied_position_projections=False,
-        position_dropout_p=None,
-        position_buckets=None,
-        **kwargs,
-    ):
+    def __init__(self, size, n_heads, query_size=None, key_size=None, value_size=None,
+                 head_size=None, position_embedding=None, dropout_p=0.0,
+                 same_key_query_proj=False, same_positional_key_query_proj=False,
+                 n_coordinates=1, head_bias=True, do_pooling=True, mode=("c2c", "c2p", "p2c"),
+                 n_additional_heads=0, position_embedding_shape=None,
+                 position_embedding_trainable=False, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, seed=None,
+                 sequence_positions=False, tied_position_projections=False,
+                 position_dropout_p=None, position_buckets=None, **kwargs):
         super().__init__(**kwargs)
-        checked = _checks.attention_arguments(
-            size, n_heads, query_size, key_size, value_size, head_size, dropout_p,
-            same_key_query_proj, n_coordinates, do_pooling, mode, n_additional_heads,
-            position_embedding, position_embedding_shape,
-        )
-        self.size = checked["size"]
-        self.n_heads = checked["n_heads"]
-        self.query_size = checked["query_size"]
-        self.key_size = checked["key_size"]
-        self.value_size = checked["value_size"]
-        self.head_size = checked["head_size"]
-        self.dropout_p = checked["dropout_p"]
-        self.n_coordinates = checked["n_coordinates"]
-        self.mode = checked["mode"]
-        self.n_additional_heads = checked["n_additional_heads"]
-        self.position_embedding_shape = checked["position_embedding_shape"]
-        self.same_key_query_proj = bool(same_key_query_proj)
-        self.same_positional_key_query_proj = bool(same_positional_key_query_proj)
-        self.use_head_bias = bool(head_bias)
-        self.do_pooling = bool(do_pooling)
-        self.total_heads = self.n_heads + self.n_additional_heads
-        self.value_head_size = None if self.size is None else self.size // self.n_heads
+        checked = _arguments.relative_attention_arguments(
+            size, n_heads, query_size=query_size, key_size=key_size, value_size=value_size,
+            head_size=head_size, position_embedding=position_embedding,
+            position_embedding_shape=position_embedding_shape, dropout_p=dropout_p,
+            same_key_query_proj=same_key_query_proj,
+            same_positional_key_query_proj=same_positional_key_query_proj,
+            n_coordinates=n_coordinates, head_bias=head_bias, do_pooling=do_pooling, mode=mode,
+            n_additional_heads=n_additional_heads, sequence_positions=sequence_positions,
+            tied_position_projections=tied_position_projections,
+            position_dropout_p=position_dropout_p, position_buckets=position_buckets)
+        # `size`, `n_heads`, ..., `position_buckets`: the fields of `AttentionArguments`.
+        for field in dataclasses.fields(checked):
+            setattr(self, field.name, getattr(checked, field.name))
         self.position_embedding_trainable = bool(position_embedding_trainable)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -228,14 +198,6 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
-        self.sequence_positions = _checks.sequence_positions(
-            sequence_positions, self.position_embedding_shape, self.n_coordinates)
-        self.tied_position_projections = _checks.tied_position_projections(
-            tied_position_projections, self.position_embedding_shape, self.n_coordinates,
-            self.query_size, self.key_size, same_key_query_proj or same_positional_key_query_proj)
-        self.position_dropout_p = (None if position_dropout_p is None else
-                                   _checks.dropout_rate("position_dropout_p", position_dropout_p))
-        self.position_buckets = _checks.position_buckets(position_buckets)
         self.supports_masking = True
         # `call` converts its inputs itself (`_convert_input`): 64-bit offsets
         # must be clamped before a backend without int64 (JAX) narrows them.
@@ -255,13 +217,9 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             if self.position_dropout_p else None
         )
         # Made by `build`; None where the configuration has no use for one.
-        self._query_projection = None
-        self._key_projection = None
-        self._value_projection = None
-        self._position_query_projection = None
-        self._position_key_projection = None
-        self.position_embedding = None
-        self.head_bias = None
+        self._query_projection = self._key_projection = self._value_projection = None
+        self._position_query_projection = self._position_key_projection = None
+        self.position_embedding = self.head_bias = None
 
     # ------------------------------------------------------------- call
     def call(self, content_queries, content_keys=None, content_values=None, mask=None,
@@ -321,36 +279,21 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             n_queries, size)`; `logits`: `(batch, n_queries, n_keys, n_heads
             + n_additional_heads)`.
         """
-        key_positions = _offsets.default_key_positions(
-            content_queries, content_keys, query_positions, key_positions
-        )
-        given = (content_queries, content_keys, content_values, mask, relative_positions,
-                 no_position_mask, base_attn, position_embedding, query_positions, key_positions)
-        inputs = {name: self._convert_input(name, value)
-                  for name, value in zip(_CALL_ARGUMENTS, given)}
-        _checks.call_inputs(self, **inputs, return_logits=return_logits,
-                            offsets_formed=self._formed(inputs["relative_positions"]))
+        inputs = self._checked_inputs(
+            return_logits, content_queries, content_keys, content_values, mask,
+            relative_positions, no_position_mask, base_attn, position_embedding,
+            query_positions, _offsets.default_key_positions(
+                content_queries, content_keys, query_positions, key_positions))
         queries, keys, values = (inputs.pop(name) for name in _CALL_ARGUMENTS[:3])
         key_mask = content_queries_mask if keys is None else content_keys_mask
         keys = queries if keys is None else keys
         if self._statically_empty(queries, keys):
             return self._empty_outputs(queries, keys, values, return_logits)
         attend_mask, keys_only = combine_masks(inputs["mask"], key_mask, content_values_mask)
-        offsets = inputs["relative_positions"]
-        if self.sequence_positions:  # token indices: the offsets formed block by block
-            offsets = _offsets.sequence_offsets(queries, keys)
-        elif inputs["query_positions"] is not None:  # offsets formed block by block
-            offsets = _offsets.token_offsets(inputs["query_positions"], inputs["key_positions"])
-        use_positions = offsets is not None and self._has_position_terms
-        scale = self._logit_scale(use_positions)
-        q, k = self._content_heads(queries, keys, scale, training)
-        position = None
-        if use_positions:
-            tables = self._position_tables(inputs["position_embedding"], scale, training)
-            position = (tables, offsets, inputs["no_position_mask"])
+        q, k, position = self._heads(queries, keys, inputs, training)
         if not return_logits:
-            return _pooled.pooled_only(self, q, k, values, position, inputs["base_attn"],
-                                       attend_mask, keys_only, training)
+            return self._pooled_only(q, k, values, position, inputs["base_attn"],
+                                     attend_mask, keys_only, training)
         logits = self._logits(q, k, position, inputs["base_attn"])
         if values is None:
             return logits.bqkh()
@@ -360,6 +303,15 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         return self._merge_heads(pooled), logits.bqkh()
 
     # ------------------------------------------------------------ call steps
+    def _checked_inputs(self, return_logits, *given):
+        """The call's inputs (`_CALL_ARGUMENTS`, in order) by name, converted
+        and checked (`_checks.call_inputs`)."""
+        inputs = {name: self._convert_input(name, value)
+                  for name, value in zip(_CALL_ARGUMENTS, given)}
+        _checks.call_inputs(self, **inputs, return_logits=return_logits,
+                            offsets_formed=self._formed(inputs["relative_positions"]))
+        return inputs
+
     def _convert_input(self, name, value):
         """A call input as a tensor, as Keras converts layer inputs, except
         that Python lists become arrays and 64-bit integer offsets are
@@ -390,6 +342,23 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
         # Statically empty inputs only: a dynamic length is no Python test
         # (tracers would freeze it), and the ops below handle zero sizes too.
         return 0 in _checks.shape_of(queries)[:2] + _checks.shape_of(keys)[:2]
+
+    def _heads(self, queries, keys, inputs, training):
+        """`(q, k, position)`: the content heads (`_content_heads`) and, where
+        the position terms are on, `((pos_q, pos_k), offsets,
+        no_position_mask)`, else None."""
+        offsets = inputs["relative_positions"]
+        if self.sequence_positions:  # token indices: the offsets formed block by block
+            offsets = _offsets.sequence_offsets(queries, keys)
+        elif inputs["query_positions"] is not None:  # offsets formed block by block
+            offsets = _offsets.token_offsets(inputs["query_positions"], inputs["key_positions"])
+        use_positions = offsets is not None and self._has_position_terms
+        scale = self._logit_scale(use_positions)
+        q, k = self._content_heads(queries, keys, scale, training)
+        if not use_positions:
+            return q, k, None
+        tables = self._position_tables(inputs["position_embedding"], scale, training)
+        return q, k, (tables, offsets, inputs["no_position_mask"])
 
     def _logit_scale(self, use_positions):
         """Every term is divided by sqrt(head_size) and their sum by
@@ -440,14 +409,38 @@ class RelativeAttention(KeywordCallArguments, AttentionWeights, keras.layers.Lay
             logits.add(ops.einsum("bqhd,bkhd->bhqk", q, k), "bhqk")
         if position is not None:
             (pos_q, pos_k), offsets, no_position_mask = position
-            terms, tensors = position_terms(q, k, pos_q, pos_k, offsets, no_position_mask,
-                                            buckets=self.position_buckets)
-            logits.add(terms.logits(tensors), terms.output)
+            terms, tensors, constants = position_terms(
+                q, k, pos_q, pos_k, offsets, no_position_mask, buckets=self.position_buckets)
+            logits.add(terms.logits(tensors, constants), terms.output)
         if base_attn is not None:
             logits.add(ops.cast(base_attn, self.compute_dtype), "bqkh")
         if self.use_head_bias:
             logits.add_head_bias(self.head_bias)
         return logits
+
+    def _pooled_only(self, q, k, values, position, base_attn, attend_mask, keys_only,
+                     training):
+        """The pooled output alone (`return_logits=False`): the pooling heads
+        only, planned and run in blocks of queries (`_block_plan.pool`)."""
+        first = self.n_additional_heads
+        dropout = self._dropout_layer if bool(training) else None
+        if position is not None:
+            tables, offsets, no_position_mask = position
+            tables = tuple(None if t is None else t[:, :, first:] for t in tables)
+            position = (tables, offsets, no_position_mask)
+        base = None
+        if base_attn is not None:
+            base = _block_plan.pooling_heads(ops.cast(base_attn, self.compute_dtype), first,
+                                             self.total_heads)
+        pooled = _block_plan.pool(
+            q[:, :, first:], k[:, :, first:],
+            self.value_projection(self._input_dropout(values, training)),
+            position=position, base=base,
+            head_bias=(ops.cast(self.head_bias[first:], self.compute_dtype)
+                       if self.use_head_bias else None),
+            attend_mask=attend_mask, keys_only=keys_only, c2c="c2c" in self.mode,
+            banded=self.sequence_positions, buckets=self.position_buckets, dropout=dropout)
+        return self._merge_heads(pooled)
 
     def _merge_heads(self, pooled):
         return ops.reshape(pooled, (ops.shape(pooled)[0], ops.shape(pooled)[1], self.size))

@@ -4,7 +4,7 @@
 import keras
 from keras import ops
 
-from keras_relattn import _backend, _checks
+from keras_relattn import _arguments, _backend
 from keras_relattn._calling import KeywordCallArguments
 from keras_relattn.relative_attention import RelativeAttention
 
@@ -173,14 +173,14 @@ class RelativeTransformerLayer(KeywordCallArguments, keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self._activation = get_activation(activation)
-        self.input_size = _checks.positive_int("input_size", input_size)
-        self.num_heads = _checks.positive_int("num_heads", num_heads)
+        self.input_size = _arguments.positive_int("input_size", input_size)
+        self.num_heads = _arguments.positive_int("num_heads", num_heads)
         if self.input_size % self.num_heads:
             raise ValueError(
                 f"`input_size` ({input_size}) must be divisible by `num_heads` "
                 f"({num_heads}): each head pools `input_size // num_heads` features."
             )
-        self.dropout_p = _checks.dropout_rate("dropout_p", dropout_p)
+        self.dropout_p = _arguments.dropout_rate("dropout_p", dropout_p)
         self.activation = activation
         self.init_resweight = float(init_resweight)
         self.layer_norm_epsilon = float(layer_norm_epsilon)

@@ -2,6 +2,8 @@
 version (`_backend.generic()`), which is what a backend without a fast path
 runs."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from keras import ops
 from helpers import BACKEND, to_numpy
 from keras_relattn import _backend, config
 from keras_relattn._position_terms import position_terms
+from keras_relattn._records import Record
+from keras_relattn._rows import take_rows
 
 FAST, GENERIC = _backend.get(), _backend.reference()
 
@@ -119,13 +123,22 @@ def gradient(function, xs):
     return value, torch.autograd.grad(value, xs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair(Record):
+    q: object
+    k: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale(Record):
+    scale: object
+
+
 def block_function(rows, tensors, constants):
     """A block of rows of a small attention-like function of its tensors."""
-    from keras_relattn._offsets import take_rows
-
-    q = take_rows(tensors["q"], 1, rows)
-    weights = GENERIC.softmax(ops.einsum("bqd,bkd->bqk", q, tensors["k"]) * constants["scale"])
-    return ops.einsum("bqk,bkd->bqd", weights, tensors["k"])
+    q = take_rows(tensors.q, 1, rows)
+    weights = GENERIC.softmax(ops.einsum("bqd,bkd->bqk", q, tensors.k) * constants.scale)
+    return ops.einsum("bqk,bkd->bqd", weights, tensors.k)
 
 
 def test_recomputed_blocks_and_checkpoints_equal_plain_blocks(rng):
@@ -133,15 +146,15 @@ def test_recomputed_blocks_and_checkpoints_equal_plain_blocks(rng):
     where it has none): the same output and gradients as blocks kept."""
     q = tensor(rng.normal(size=(2, 7, 4)).astype("float32"))
     k = tensor(rng.normal(size=(2, 5, 4)).astype("float32"))
-    constants = {"scale": tensor(np.float32(0.5))}
+    constants = Scale(tensor(np.float32(0.5)))
     blocks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
 
     def plain(q, k):
-        return ops.concatenate([block_function(rows, {"q": q, "k": k}, constants)
+        return ops.concatenate([block_function(rows, Pair(q, k), constants)
                                 for rows in blocks], 1)
 
     def recomputed(q, k):
-        tensors = {"q": q, "k": k}
+        tensors = Pair(q, k)
         done = FAST.recomputed_blocks(block_function, blocks, tensors, constants, "test")
         if done is None:
             done = ops.concatenate([FAST.checkpoint(block_function, rows, tensors, constants)
@@ -174,19 +187,20 @@ def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat
     index = rng.integers(0, p, size=(index_batch, nq, nk, x)).astype("int32")
     offsets = index - p // 2  # the table rows `index`
     with config.block_settings(flat_index_limit=flat_limit):
-        terms, tensors = position_terms(
+        terms, tensors, constants = position_terms(
             *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), layout=layout, output=output,
             per_block=per_block)
     assert terms.scored_per_block == per_block
-    assert ("c2p0" in tensors) != per_block  # per block: no whole-input scores made
+    assert (tensors.scores == ()) == per_block  # per block: no whole-input scores made
     if flat_limit is not None:  # no flat int32 numbers past the limit
         assert terms.gather != "flat" or terms.index_dtype == "int64"
-    got = to_numpy(terms.logits(tensors))
+    got = to_numpy(terms.logits(tensors, constants))
     axis = 1 if output == "bqkh" else 2
-    by_blocks = np.concatenate([to_numpy(terms.logits(tensors, slice(0, 2))),
-                                to_numpy(terms.logits(tensors, slice(2, 3)))], axis=axis)
+    by_blocks = np.concatenate([to_numpy(terms.logits(tensors, constants, slice(0, 2))),
+                                to_numpy(terms.logits(tensors, constants, slice(2, 3)))],
+                               axis=axis)
     np.testing.assert_allclose(by_blocks, got, atol=1e-6)
-    span = to_numpy(terms.logits(tensors, slice(1, 3), keys=slice(1, 3)))
+    span = to_numpy(terms.logits(tensors, constants, slice(1, 3), keys=slice(1, 3)))
     whole_span = got[:, 1:3, 1:3] if output == "bqkh" else got[:, :, 1:3, 1:3]
     np.testing.assert_allclose(span, whole_span, atol=1e-6)
     qx, kx = q.reshape(b, nq, h, x, chunk), k.reshape(b, nk, h, x, chunk)

@@ -371,3 +371,18 @@ def test_long_mixed_float16_pooling_stays_in_range():
         got = to_numpy(layer(x, x, x, return_logits=False)).astype("float32")
     assert log.plans[0].band_width
     assert np.isfinite(got).all()
+
+
+def test_bucketed_table_larger_than_its_buckets_is_exact(rng):
+    """DeBERTa buckets in a table of more rows than `2 * bucket_size`
+    (allowed): the buckets grow, slowly, long past `max_position`, so no
+    offset within reach reads an edge row. Two equal neighbouring rows were
+    once taken for the edge, and the banded output was 1.3 off at 2048
+    tokens; the layer now takes no band there."""
+    layer = RelativeAttention(16, 2, sequence_positions=True, position_buckets=(8, 32),
+                              position_embedding=rng.normal(size=(64, 16)).astype("float32"))
+    x = rng.normal(size=(1, 700, 16)).astype("float32")
+    with config.block_settings(band_rows=64) as log:
+        got = to_numpy(layer(x, x, x, return_logits=False))
+    assert [plan.band_width for plan in log.plans] == [None]
+    np.testing.assert_allclose(got, per_token_output(layer, x), atol=2e-5)

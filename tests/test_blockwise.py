@@ -13,7 +13,7 @@ import pytest
 from helpers import BACKEND, edspdf_module, input_and_weight_gradients, to_numpy
 from keras_relattn import (
     RelativeAttention,
-    _blockwise,
+    _block_plan,
     RelativeTransformerLayer,
     config,
     load_edspdf_state_dict,
@@ -381,7 +381,7 @@ def test_cross_attention_needs_both_token_positions():
 def test_only_long_inputs_recompute_their_blocks():
     """Short inputs split in blocks (torch eager's 2**20) keep them: W2's
     `(4, 4, 512, 512)` does not recompute; 8192 tokens do."""
-    short = np.zeros((4, 512, 8), "float32")
-    long = np.zeros((1, 8192, 8), "float32")
-    assert not _blockwise.recomputes(short, short, 4)
-    assert _blockwise.recomputes(long, long, 4)
+    short = np.zeros((4, 512, 4, 2), "float32")  # (batch, tokens, heads, head size)
+    long = np.zeros((1, 8192, 4, 2), "float32")
+    assert not _block_plan.recomputes(short, short)
+    assert _block_plan.recomputes(long, long)

@@ -7,7 +7,6 @@ import pytest
 
 from helpers import BACKEND, to_numpy
 from keras_relattn import RelativeAttention, RelativeTransformerLayer, config
-from keras_relattn import _blockwise
 from parity_cases import CASES, make_case
 
 POOLED_CASES = sorted(name for name, case in CASES.items() if case.values)
@@ -51,24 +50,30 @@ def test_pooled_only_equals_the_full_path(case, blocks, rng):
     np.testing.assert_allclose(to_numpy(in_place), full, atol=1e-5)
 
 
-def test_blocks_cover_the_queries_once():
-    q = np.zeros((2, 10, 4), "float32")
-    k = np.zeros((2, 7, 4), "float32")
-    blocks = _blockwise.query_blocks(q, k, 3)
-    assert blocks == [slice(None)]
-    with config.block_settings(block_elements=2 * 3 * 7 * 3):  # 3 queries
-        blocks = _blockwise.query_blocks(q, k, 3)
-    covered = [i for s in blocks for i in range(10)[s]]
-    assert covered == list(range(10)) and len(blocks) == 4
+def test_blocks_cover_the_queries_once(rng):
+    """10 queries in blocks of 3: 4 blocks, whose output is the whole one
+    (each query pooled once)."""
+    layer = RelativeAttention(6, 3)
+    q = rng.normal(size=(2, 10, 6)).astype("float32")
+    k = rng.normal(size=(2, 7, 6)).astype("float32")
+    with config.block_settings() as log:
+        whole = to_numpy(layer(q, k, k, return_logits=False))
+    assert [plan.n_blocks for plan in log.plans] == [1]
+    with config.block_settings(block_elements=2 * 3 * 7 * 3) as log:  # 3 queries
+        split = to_numpy(layer(q, k, k, return_logits=False))
+    assert [(plan.n_queries, plan.n_blocks) for plan in log.plans] == [(10, 4)]
+    np.testing.assert_allclose(split, whole, atol=1e-6)
 
 
 def test_long_inputs_are_pooled_in_blocks():
     """Length 8192, batch 1, 4 heads: no whole (1, 4, 8192, 8192) tensor."""
-    q = np.zeros((1, 8192, 4), "float32")
-    blocks = _blockwise.query_blocks(q, q, 4)
+    from keras_relattn import _block_plan
+
+    q = np.zeros((1, 8192, 4, 1), "float32")  # (batch, tokens, heads, head size)
+    blocks = _block_plan.query_blocks(q, q)
     assert len(blocks) > 1
     rows = blocks[0].stop - blocks[0].start
-    assert 4 * rows * 8192 <= _blockwise.block_elements()
+    assert 4 * rows * 8192 <= _block_plan.block_elements()
 
 
 def test_fully_masked_rows_average_the_values(rng, blocks):

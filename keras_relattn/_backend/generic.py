@@ -4,7 +4,6 @@ without a faster way, and the reference each fast path is tested against
 
 import math
 
-from keras import backend as _keras_backend
 from keras import ops
 
 try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
@@ -137,8 +136,8 @@ def checkpoint(fn, rows, tensors, constants):
     """`fn(rows, tensors, constants)`, whose intermediates the backward pass
     recomputes instead of keeping (where the backend can; here: kept).
 
-    `tensors` (a dict) are what the gradient flows to, `constants` (a dict)
-    are read only. `fn` must compute the same numbers when called again (no
+    `tensors` (a record, `_records`) are what the gradient flows to,
+    `constants` (a record) are read only. `fn` must compute the same numbers when called again (no
     stateful random draw inside) and read every tensor from its arguments.
     """
     return fn(rows, tensors, constants)
@@ -174,21 +173,24 @@ def fuses_band():
 
 
 def attends_in_parts():
-    """Whether the banded path's blocks of known rows attend in parts
-    (`attend_in_parts`) rather than building their logits whole."""
+    """Whether the banded path's blocks of known rows are built in parts of
+    keys (the far keys a plain dot product: `_blocks.band_in_parts`, on
+    `attend_in_parts` where the backend has a fused kernel) rather than
+    their position logits gathered over the band and filled in from the
+    edge rows elsewhere (XLA fuses that whole)."""
     return True
 
 
 def attend_in_parts(queries, constants, keys, values, band_queries, band_positions, band_keys,
                     key_mask):
-    """The attention of a block of queries whose keys split in three parts:
-    the keys before the band and after it, where the logits are `queries[p]
-    . k_j + constants[p]_i` (a plain dot product plus a per-query constant),
-    and the band, whose logits are `band_queries . k_j + band_positions`.
-    Each part's masked logits (*replaced* by -10000, edspdf's rule), in
-    float32; one softmax over every key (`_softmax_in_parts`). Here in
-    `keras.ops` (autodiff differentiates it); torch's runs the far parts on
-    a fused kernel.
+    """The attention of a banded block on a fused kernel (see torch's), or
+    None where the backend has none (here): the caller then joins the
+    parts' logits and runs the one attention step.
+
+    The keys split in three parts: before the band and after it, where the
+    logits are `queries[p] . k_j + constants[p]_i` (a plain dot product plus
+    a per-query constant), and the band, whose logits are `band_queries .
+    k_j + band_positions`; masked keys as the attention step masks them.
 
     Args:
         queries: `(left, right)` `(batch, rows, heads, d)` scaled queries.
@@ -200,61 +202,9 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
         key_mask: `(batch, keys)` bool (True: attend) or None.
 
     Returns:
-        `(batch, rows, heads, dv)` in the values' dtype, or None where this
-        backend builds the block's logits whole instead.
+        `(batch, rows, heads, dv)` in the values' dtype, or None.
     """
-    start, stop = band_keys
-    n_keys = keys.shape[1]
-    parts = [(q, added, first, last) for q, added, first, last in (
-        (band_queries, band_positions, start, stop),
-        (queries[0], ops.expand_dims(constants[0], -1), 0, start),
-        (queries[1], ops.expand_dims(constants[1], -1), stop, n_keys),
-    ) if last > first]  # a part without keys adds nothing (and has no max)
-    logits = []
-    for q, added, first, last in parts:
-        part = ops.cast(ops.einsum("bqhd,bkhd->bhqk", q, keys[:, first:last]) + added, "float32")
-        if key_mask is not None:
-            part = ops.where(key_mask[:, None, None, first:last], part, -10000.0)
-        logits.append(part)
-    exps, total = _softmax_in_parts(logits)
-    # Normalized once, on the pooled rows, where they are at least float32; in
-    # float16 / bfloat16 each weight first (unnormalized, the pooled sum of
-    # thousands of keys could pass float16's range).
-    late = _keras_backend.standardize_dtype(values.dtype) not in ("float16", "bfloat16")
-    pooled = None
-    for weights, (_, _, first, last) in zip(exps, parts):
-        weights = weights if late else weights / total
-        term = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype),
-                          values[:, first:last])
-        pooled = term if pooled is None else pooled + term
-    if not late:
-        return pooled
-    return pooled / ops.cast(ops.transpose(total, (0, 2, 1, 3)), pooled.dtype)
-
-
-def _softmax_in_parts(logits):
-    """The softmax over the last axis of the float32 logits concatenated, part
-    by part, unnormalized: each part's `exp(part - max)` and the `(batch,
-    heads, rows, 1)` sum over every part that divides them. The max is over
-    every part, as a fused softmax subtracts it: a row whose logits are all
-    equal (a fully masked one) gets exactly uniform weights, as on the
-    per-token path."""
-    top = None
-    for part in logits:
-        part_top = ops.max(part, axis=-1, keepdims=True)
-        top = part_top if top is None else ops.maximum(top, part_top)
-    exps = [ops.exp(part - top) for part in logits]
-    total = None
-    for e in exps:
-        part_sum = ops.sum(e, axis=-1, keepdims=True)
-        total = part_sum if total is None else total + part_sum
-    return exps, total
-
-
-def is_compiling():
-    """Whether a compiler traces the call now (torch.compile); eager
-    elsewhere is decided by the caller's tensors."""
-    return False
+    return None
 
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("math", "ops")]

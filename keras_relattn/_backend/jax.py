@@ -7,6 +7,8 @@ import keras
 from jax import lax
 from keras import ops
 
+from keras_relattn._records import flatten, rebuild
+from keras_relattn._rows import BlockRows
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     place_keys,
     GATHERS_ALONG_ROWS,
@@ -16,7 +18,6 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     fuses_band,
     add_matmul_in_place,
     default_block_elements,
-    is_compiling,
     layer_norm,
     masked_softmax_in_place,
     multiply_in_place,
@@ -61,7 +62,8 @@ def exact_gelu(x):
 
 
 def checkpoint(fn, rows, tensors, constants):
-    return jax.checkpoint(lambda t: fn(rows, t, constants))(tensors)
+    leaves, skeleton = flatten(tensors)
+    return jax.checkpoint(lambda t: fn(rows, rebuild(skeleton, t), constants))(leaves)
 
 
 def recomputed_blocks(fn, blocks, tensors, constants, key):
@@ -78,19 +80,21 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     if cache_key not in _LOOPS:
         if len(_LOOPS) >= 64:
             _LOOPS.pop(next(iter(_LOOPS)))
-        _LOOPS[cache_key] = _compiled_loop(fn, size, n_equal, tail)
-    return _LOOPS[cache_key](tensors, constants)
+        _LOOPS[cache_key] = _compiled_loop(fn, size, n_equal, tail, flatten(tensors)[1],
+                                           flatten(constants)[1])
+    return _LOOPS[cache_key](flatten(tensors)[0], flatten(constants)[0])
 
 
-# Compiled loops by (key, blocks): `fn` is the one of the first call with that
-# key, which determines it.
+# Compiled loops by (key, blocks): `fn` and the records' structure are those
+# of the first call with that key, which determines them.
 _LOOPS = {}
 
 
-def _compiled_loop(fn, size, n_equal, tail):
-    from keras_relattn._offsets import BlockRows
+def _compiled_loop(fn, size, n_equal, tail, tensors_skeleton, constants_skeleton):
+    def loop(tensor_leaves, constant_leaves):
+        tensors = rebuild(tensors_skeleton, tensor_leaves)
+        constants = rebuild(constants_skeleton, constant_leaves)
 
-    def loop(tensors, constants):
         def block(start):
             return fn(BlockRows(start, size), tensors, constants)
 

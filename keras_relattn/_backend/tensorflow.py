@@ -5,6 +5,8 @@ graph)."""
 import tensorflow as tf
 
 from keras_relattn._backend import generic
+from keras_relattn._records import flatten, rebuild
+from keras_relattn._rows import BlockRows, take_rows
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     GATHERS_ALONG_ROWS,
     INDEX_DTYPE,
@@ -17,7 +19,6 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     checkpoint,
     default_block_elements,
     exact_gelu,
-    is_compiling,
     layer_norm,
     masked_softmax_in_place,
     multiply_in_place,
@@ -67,67 +68,27 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     Python loop under XLA, unrolled, would schedule every block's
     recomputation at once.
     """
-    from keras_relattn._offsets import BlockRows, take_rows
-
-    size = blocks[0].stop - blocks[0].start
-    n_equal = sum(1 for rows in blocks if rows.stop - rows.start == size)
+    loop = _BlockLoop(blocks)
     # Each tensor once (one may go by two names: the queries of c2c and of
     # the position terms): a tape asked for the gradient of a tensor listed
     # twice gives each its whole gradient, which the caller would add twice.
+    leaves, skeleton = flatten(tensors)
     place, unique = {}, []  # each tensor's id -> its place in `unique`
-    for tensor in tensors.values():
+    for tensor in leaves:
         if id(tensor) not in place:
             place[id(tensor)] = len(unique)
             unique.append(tensor)
-    where = {name: place[id(tensor)] for name, tensor in tensors.items()}
+    where = [place[id(tensor)] for tensor in leaves]
 
     def run(rows, values):
-        return fn(rows, {name: values[i] for name, i in where.items()}, constants)
-
-    def looped(step, state):
-        """`step(block's BlockRows, state)` over the equal blocks in one
-        `tf.while_loop` (a graph), or None where the blocks are a Python
-        loop (eagerly, or a single equal block)."""
-        if tf.executing_eagerly() or n_equal < 2:
-            return None
-
-        def body(i, state):
-            return i + 1, step(BlockRows(i * size, size), state)
-
-        return tf.while_loop(
-            lambda i, _: i < n_equal, body, (tf.constant(0), state),
-            maximum_iterations=n_equal,
-        )[1]
-
-    def each_block(step, state):
-        """`state = step(rows, state)` over the blocks in order."""
-        done = looped(step, state)
-        rest = blocks if done is None else blocks[n_equal:]
-        state = state if done is None else done
-        for rows in rest:
-            state = step(rows, state)
-        return state
-
-    def forward(held):
-        # Every float input is in the layer's compute dtype, as the output.
-        written = looped(
-            lambda rows, written: written.write(rows.start // size, run(rows, held)),
-            tf.TensorArray(held[0].dtype, size=n_equal),
-        )
-        if written is None:
-            return tf.concat([run(rows, held) for rows in blocks], axis=1)
-        stacked = tf.experimental.numpy.swapaxes(written.stack(), 0, 1)  # (b, blocks, rows, ...)
-        shape = tf.shape(stacked)
-        done = [tf.reshape(stacked, tf.concat([shape[:1], [n_equal * size], shape[3:]], 0))]
-        done += [run(rows, held) for rows in blocks[n_equal:]]
-        return done[0] if len(done) == 1 else tf.concat(done, axis=1)
+        return fn(rows, rebuild(skeleton, [values[i] for i in where]), constants)
 
     @tf.custom_gradient
     def blockwise(*values):
         # Eagerly, the tape records what runs inside a custom gradient's
         # forward (keeping every block's intermediates): inputs that stop
         # the gradient leave nothing to record.
-        pooled = forward([tf.stop_gradient(t) for t in values])
+        pooled = loop.forward(run, [tf.stop_gradient(t) for t in values])
 
         def gradient(upstream):
             def add(rows, sums):
@@ -140,8 +101,58 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
                 )
                 return [a + b for a, b in zip(sums, grads)]
 
-            return each_block(add, [tf.zeros_like(t) for t in values])
+            return loop.each_block(add, [tf.zeros_like(t) for t in values])
 
         return pooled, gradient
 
     return blockwise(*unique)
+
+
+class _BlockLoop:
+    """The blocks of `recomputed_blocks`: the equal ones in a `tf.while_loop`
+    in a graph, then the shorter last one; a Python loop eagerly."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.size = blocks[0].stop - blocks[0].start
+        self.n_equal = sum(1 for rows in blocks if rows.stop - rows.start == self.size)
+
+    def looped(self, step, state):
+        """`step(block's BlockRows, state)` over the equal blocks in one
+        `tf.while_loop` (a graph), or None where the blocks are a Python
+        loop (eagerly, or a single equal block)."""
+        if tf.executing_eagerly() or self.n_equal < 2:
+            return None
+
+        def body(i, state):
+            return i + 1, step(BlockRows(i * self.size, self.size), state)
+
+        return tf.while_loop(
+            lambda i, _: i < self.n_equal, body, (tf.constant(0), state),
+            maximum_iterations=self.n_equal,
+        )[1]
+
+    def each_block(self, step, state):
+        """`state = step(rows, state)` over the blocks in order."""
+        done = self.looped(step, state)
+        rest = self.blocks if done is None else self.blocks[self.n_equal:]
+        state = state if done is None else done
+        for rows in rest:
+            state = step(rows, state)
+        return state
+
+    def forward(self, run, held):
+        """Every block's `run(rows, held)`, concatenated on the queries."""
+        # Every float input is in the layer's compute dtype, as the output.
+        size, n_equal = self.size, self.n_equal
+        written = self.looped(
+            lambda rows, written: written.write(rows.start // size, run(rows, held)),
+            tf.TensorArray(held[0].dtype, size=n_equal),
+        )
+        if written is None:
+            return tf.concat([run(rows, held) for rows in self.blocks], axis=1)
+        stacked = tf.experimental.numpy.swapaxes(written.stack(), 0, 1)  # (b, blocks, rows, ...)
+        shape = tf.shape(stacked)
+        done = [tf.reshape(stacked, tf.concat([shape[:1], [n_equal * size], shape[3:]], 0))]
+        done += [run(rows, held) for rows in self.blocks[n_equal:]]
+        return done[0] if len(done) == 1 else tf.concat(done, axis=1)

@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from keras_relattn._records import flatten, rebuild
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     place_keys,
     _heads_to,
@@ -30,14 +31,14 @@ BAND_ROWS = 256
 
 
 def fuses_band():
-    return not is_compiling()
+    return not _compiling()
 
 
 def attends_in_parts():
-    return not is_compiling()
+    return not _compiling()
 
 
-def is_compiling():
+def _compiling():
     return torch.compiler.is_compiling()
 
 
@@ -45,7 +46,7 @@ def default_block_elements():
     """2**20 eagerly: fresh buffers larger than 4 MiB cost page faults on
     every call on CPU (glibc hands them back to the system). Inductor plans
     its own buffers: 2**23 under `torch.compile`."""
-    return 2**23 if is_compiling() else 2**20
+    return 2**23 if _compiling() else 2**20
 
 
 def sizes_are_frozen():
@@ -68,7 +69,7 @@ def take_along_rows(scores, index, axis, out=None):
 def works_in_place(tensors):
     """Inference in place: not compiling (inductor fuses the generic form),
     no gradient recorded, float32 (the in-place softmax's dtype)."""
-    if is_compiling():
+    if _compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -109,19 +110,19 @@ def layer_norm(x, gamma, beta, epsilon, size):
     return out.to(dtype)
 
 
-def _needs_grad(tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+def _needs_grad(leaves):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
 
 
 def checkpoint(fn, rows, tensors, constants):
-    if not _needs_grad(tensors):
+    leaves, skeleton = flatten(tensors)
+    if not _needs_grad(leaves):
         return fn(rows, tensors, constants)
     from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-    names = list(tensors)
     return torch_checkpoint(
-        lambda *values: fn(rows, dict(zip(names, values)), constants),
-        *tensors.values(), use_reentrant=False,
+        lambda *values: fn(rows, rebuild(skeleton, values), constants),
+        *leaves, use_reentrant=False,
     )
 
 
@@ -130,14 +131,14 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     writes every block into one output; its backward recomputes one block at
     a time and adds its gradients in place. None under `torch.compile`
     (a checkpoint per block) or without gradients."""
-    if is_compiling() or not _needs_grad(tensors):
+    leaves, skeleton = flatten(tensors)
+    if _compiling() or not _needs_grad(leaves):
         return None
-    names = list(tensors)
 
     def block(rows, *values):
-        return fn(rows, dict(zip(names, values)), constants)
+        return fn(rows, rebuild(skeleton, values), constants)
 
-    return _recomputed_blocks_function().apply(block, blocks, *tensors.values())
+    return _recomputed_blocks_function().apply(block, blocks, *leaves)
 
 
 @functools.cache
@@ -207,11 +208,11 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
             key to attend averages every value (edspdf's -10000 rule).
 
     Returns:
-        `(batch, rows, heads, dv)`, or None where this does not apply
-        (compiling, or not float32).
+        `(batch, rows, heads, dv)`, or None where this does not apply (not
+        float32: the caller joins the parts' logits and attends).
     """
     tensors = [*queries, *constants, keys, values, band_queries, band_positions]
-    if is_compiling() or any(t.dtype != torch.float32 for t in tensors):
+    if any(t.dtype != torch.float32 for t in tensors):  # (not compiling: `attends_in_parts`)
         return None
     return _parts_function().apply(*tensors, band_keys, key_mask)
 
@@ -342,82 +343,95 @@ def _parts_function():
         @staticmethod
         def forward(ctx, q_left, q_right, c_left, c_right, keys, values, band_q, band_positions,
                     band_keys, key_mask):
-            kernel = far_kernel(keys.device)
-            n_keys, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
-            size = max(d, dv)  # the kernels want one head size
-            k, v = _heads_first(keys, size), _heads_first(values, size)
-            additive = None
-            if key_mask is not None:  # (batch, 1, 1, keys): 0 or -inf
-                additive = torch.zeros(key_mask.shape, dtype=keys.dtype, device=keys.device)
-                additive = additive.masked_fill(~key_mask, float("-inf"))[:, None, None]
-            start, stop = band_keys
-            far = _far_forward(kernel, ((q_left, c_left, 0, start), (q_right, c_right, stop,
-                                                                     n_keys)),
-                               k, v, additive, key_mask, size, dv)
-            bq = band_q.transpose(1, 2)  # (batch, heads, rows, d)
-            logits = bq @ keys[:, start:stop].permute(0, 2, 3, 1) + band_positions
-            if additive is not None:
-                logits = logits + additive[..., start:stop]
-            lse = _merged_lse([part["lse"] for part in far] + [torch.logsumexp(logits, -1)])
-            finite = torch.isfinite(lse)  # False: a row with no key to attend
-            safe = torch.where(finite, lse, torch.zeros_like(lse))
-            band_weights = torch.exp(logits - safe[..., None])
-            out = band_weights @ v[:, :, start:stop, :dv]
-            for part in far:
-                part["weight"] = torch.where(torch.isfinite(part["lse"]),
-                                             torch.exp(part["lse"] - safe),
-                                             torch.zeros_like(safe))
-                out += part["weight"][..., None] * part["out"]
-            if not bool(finite.all()):
-                uniform = v[..., :dv].mean(2, keepdim=True).expand_as(out)
-                out = torch.where(finite[..., None], out, uniform)
-            ctx.kernel, ctx.far = kernel, [
-                {name: part[name] for name in ("side", "keys", "mask", "state")} for part in far]
-            ctx.shape = (n_keys, d, dv, size, band_keys, bool(finite.all()))
-            ctx.save_for_backward(keys, k, v, bq, out, safe, finite, band_weights,
-                                  *[part[name] for name in ("q", "c", "weight", "out")
-                                    for part in far])
-            return out.transpose(1, 2)
+            return _parts_forward(ctx, (q_left, q_right), (c_left, c_right), keys, values,
+                                  band_q, band_positions, band_keys, key_mask)
 
         @staticmethod
         def backward(ctx, grad):
-            keys, k, v, bq, out, safe, finite, band_weights, *rest = ctx.saved_tensors
-            n_far = len(ctx.far)
-            saved = [rest[i * n_far:(i + 1) * n_far] for i in range(4)]
-            n_keys, d, dv, size, (start, stop), all_finite = ctx.shape
-            grad = grad.transpose(1, 2)  # (batch, heads, rows, dv)
-            lost = None
-            if not all_finite:  # a row with no key to attend averages every value
-                lost = torch.where(finite[..., None], torch.zeros_like(grad), grad)
-                lost = lost.sum(2, keepdim=True) / n_keys
-                grad = torch.where(finite[..., None], grad, torch.zeros_like(grad))
-            delta = (grad * out).sum(-1)  # rowsum(dO * O), of the merged output
-            band_values = v[:, :, start:stop, :dv]
-            grad_band = band_weights * (grad @ band_values.transpose(-1, -2) - delta[..., None])
-            k_parts = {"band": (grad_band.transpose(-1, -2) @ bq)}  # (batch, heads, band, d)
-            v_parts = {"band": band_weights.transpose(-1, -2) @ grad}
-            grads = {"band_q": (grad_band @ keys[:, start:stop].transpose(1, 2)).transpose(1, 2)}
-            padded_grad, padded_out = _last_axis_contiguous(grad, size), _last_axis_contiguous(
-                out, size)
-            for part, q, c, weight, part_out in zip(ctx.far, *saved):
-                first, last = part["keys"]
-                dq, dk, dvv = ctx.kernel.backward(
-                    padded_grad, q, k[:, :, first:last], v[:, :, first:last], part["mask"],
-                    padded_out, (safe - c).contiguous(), part["state"])
-                side = part["side"]
-                k_parts[side], v_parts[side] = dk[..., :d], dvv[..., :dv]
-                grads[side] = dq[..., :d].transpose(1, 2)
-                grads[side + " constant"] = weight * ((grad * part_out).sum(-1) - delta)
-            order = ("left", "band", "right")
-            grad_k = torch.cat([k_parts[p] for p in order if p in k_parts], 2)
-            grad_v = torch.cat([v_parts[p] for p in order if p in v_parts], 2)
-            if lost is not None:
-                grad_v = grad_v + lost
-            return (grads.get("left"), grads.get("right"), grads.get("left constant"),
-                    grads.get("right constant"), grad_k.transpose(1, 2), grad_v.transpose(1, 2),
-                    grads["band_q"], grad_band, None, None)
+            return _parts_backward(ctx, grad)
 
     return AttendInParts
+
+
+def _parts_forward(ctx, queries, constants, keys, values, band_q, band_positions, band_keys,
+                   key_mask):
+    """`AttendInParts.forward`: `(batch, rows, heads, dv)`."""
+    (q_left, q_right), (c_left, c_right) = queries, constants
+    kernel = far_kernel(keys.device)
+    n_keys, d, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
+    size = max(d, dv)  # the kernels want one head size
+    k, v = _heads_first(keys, size), _heads_first(values, size)
+    additive = None
+    if key_mask is not None:  # (batch, 1, 1, keys): 0 or -inf
+        additive = torch.zeros(key_mask.shape, dtype=keys.dtype, device=keys.device)
+        additive = additive.masked_fill(~key_mask, float("-inf"))[:, None, None]
+    start, stop = band_keys
+    far = _far_forward(kernel, ((q_left, c_left, 0, start), (q_right, c_right, stop,
+                                                             n_keys)),
+                       k, v, additive, key_mask, size, dv)
+    bq = band_q.transpose(1, 2)  # (batch, heads, rows, d)
+    logits = bq @ keys[:, start:stop].permute(0, 2, 3, 1) + band_positions
+    if additive is not None:
+        logits = logits + additive[..., start:stop]
+    lse = _merged_lse([part["lse"] for part in far] + [torch.logsumexp(logits, -1)])
+    finite = torch.isfinite(lse)  # False: a row with no key to attend
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    band_weights = torch.exp(logits - safe[..., None])
+    out = band_weights @ v[:, :, start:stop, :dv]
+    for part in far:
+        part["weight"] = torch.where(torch.isfinite(part["lse"]),
+                                     torch.exp(part["lse"] - safe),
+                                     torch.zeros_like(safe))
+        out += part["weight"][..., None] * part["out"]
+    if not bool(finite.all()):
+        uniform = v[..., :dv].mean(2, keepdim=True).expand_as(out)
+        out = torch.where(finite[..., None], out, uniform)
+    ctx.kernel, ctx.far = kernel, [
+        {name: part[name] for name in ("side", "keys", "mask", "state")} for part in far]
+    ctx.shape = (n_keys, d, dv, size, band_keys, bool(finite.all()))
+    ctx.save_for_backward(keys, k, v, bq, out, safe, finite, band_weights,
+                          *[part[name] for name in ("q", "c", "weight", "out")
+                            for part in far])
+    return out.transpose(1, 2)
+
+
+def _parts_backward(ctx, grad):
+    """`AttendInParts.backward`: the gradients of `forward`'s inputs."""
+    keys, k, v, bq, out, safe, finite, band_weights, *rest = ctx.saved_tensors
+    n_far = len(ctx.far)
+    saved = [rest[i * n_far:(i + 1) * n_far] for i in range(4)]
+    n_keys, d, dv, size, (start, stop), all_finite = ctx.shape
+    grad = grad.transpose(1, 2)  # (batch, heads, rows, dv)
+    lost = None
+    if not all_finite:  # a row with no key to attend averages every value
+        lost = torch.where(finite[..., None], torch.zeros_like(grad), grad)
+        lost = lost.sum(2, keepdim=True) / n_keys
+        grad = torch.where(finite[..., None], grad, torch.zeros_like(grad))
+    delta = (grad * out).sum(-1)  # rowsum(dO * O), of the merged output
+    band_values = v[:, :, start:stop, :dv]
+    grad_band = band_weights * (grad @ band_values.transpose(-1, -2) - delta[..., None])
+    k_parts = {"band": (grad_band.transpose(-1, -2) @ bq)}  # (batch, heads, band, d)
+    v_parts = {"band": band_weights.transpose(-1, -2) @ grad}
+    grads = {"band_q": (grad_band @ keys[:, start:stop].transpose(1, 2)).transpose(1, 2)}
+    padded_grad, padded_out = _last_axis_contiguous(grad, size), _last_axis_contiguous(
+        out, size)
+    for part, q, c, weight, part_out in zip(ctx.far, *saved):
+        first, last = part["keys"]
+        dq, dk, dvv = ctx.kernel.backward(
+            padded_grad, q, k[:, :, first:last], v[:, :, first:last], part["mask"],
+            padded_out, (safe - c).contiguous(), part["state"])
+        side = part["side"]
+        k_parts[side], v_parts[side] = dk[..., :d], dvv[..., :dv]
+        grads[side] = dq[..., :d].transpose(1, 2)
+        grads[side + " constant"] = weight * ((grad * part_out).sum(-1) - delta)
+    order = ("left", "band", "right")
+    grad_k = torch.cat([k_parts[p] for p in order if p in k_parts], 2)
+    grad_v = torch.cat([v_parts[p] for p in order if p in v_parts], 2)
+    if lost is not None:
+        grad_v = grad_v + lost
+    return (grads.get("left"), grads.get("right"), grads.get("left constant"),
+            grads.get("right constant"), grad_k.transpose(1, 2), grad_v.transpose(1, 2),
+            grads["band_q"], grad_band, None, None)
 
 
 def _far_forward(kernel, sides, k, v, additive, key_mask, size, dv):
