@@ -81,3 +81,45 @@ def test_no_import_cycle():
     for module in MODULES:
         if module != "__init__":
             visit(module, [module])
+
+
+# The floors of the package, lowest first: a module imports only modules of
+# the floors below its own (docs/development.md, "Where things are"). The
+# backend modules share the floor of `_backend`, which loads one of them.
+FLOORS = [
+    {"_checks", "_arguments", "_records", "_calling", "_projection", "_import_order"},
+    {"_rows"},
+    {"_backend.__init__", "_backend.generic", "_backend.jax", "_backend.tensorflow",
+     "_backend.torch"},
+    {"_offsets", "_logits", "_weights", "config", "position_table"},
+    {"positions"},
+    {"_position_terms"},
+    {"_blocks"},
+    {"_block_plan"},
+    {"relative_attention"},
+    {"transformer", "deberta"},
+    {"box_transformer"},
+    {"porting"},
+    {"__init__"},
+    {"__main__"},
+]
+
+
+def test_imports_go_only_down_the_floors():
+    """No import runs back up (the backends once imported `_offsets` from
+    inside their loops): each module's imports of the package lie on lower
+    floors, `_backend`'s own modules importing `generic` beside them."""
+    floor = {module: i for i, modules in enumerate(FLOORS) for module in modules}
+    assert set(floor) == set(MODULES), set(floor) ^ set(MODULES)
+    for module in MODULES:
+        for name in imported(module):
+            if not name.startswith("keras_relattn."):
+                continue
+            dotted = name.split(".", 1)[1]
+            target = (dotted if dotted in floor else f"{dotted}.__init__"
+                      if f"{dotted}.__init__" in floor else dotted.split(".")[0])
+            target = target if target in floor else "__init__"  # a name the package exports
+            if target == module or (module.startswith("_backend.")
+                                    and target in ("_backend.generic", "_backend.__init__")):
+                continue
+            assert floor[target] < floor[module], f"{module} imports {target}"
