@@ -232,6 +232,18 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
     in_place = backend.works_in_place(flatten(tensors)[0])
     if len(blocks) == 1:
         return run_block(step, blocks[0], tensors, constants, dropout, in_place)
+    if not in_place:  # the blocks as one traced function where the backend runs op by op
+        loop = _BlockLoop(step, tuple((rows.start, rows.stop) for rows in blocks),
+                          bool(recompute))
+        done = backend.traced(loop, tensors, constants, loop)
+        if done is not None:
+            return done
+    return _run_blocks(step, tensors, constants, blocks, recompute, in_place)
+
+
+def _run_blocks(step, tensors, constants, blocks, recompute, in_place=False):
+    """Every block, concatenated on the queries (see `pooled`)."""
+    backend = _backend.get()
     if recompute and not in_place:
         block = _BlockFunction(step)
         done = backend.recomputed_blocks(block, blocks, tensors, constants, step)
@@ -241,6 +253,20 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
             [backend.checkpoint(block, rows, tensors, constants) for rows in blocks], 1)
     return ops.concatenate(
         [run_block(step, rows, tensors, constants, in_place=in_place) for rows in blocks], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockLoop:
+    """`_run_blocks` of one step and its blocks, as a function of `(tensors,
+    constants)` (hashable: what a backend traces once, `traced`)."""
+
+    step: BlockStep
+    blocks: tuple  # (start, stop) of each block's queries (slices hash from Python 3.12)
+    recompute: bool
+
+    def __call__(self, tensors, constants):
+        blocks = [slice(start, stop) for start, stop in self.blocks]
+        return _run_blocks(self.step, tensors, constants, blocks, self.recompute)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,8 @@ table rows, `d` head size; "record": a frozen dataclass of tensors,
   what the gradient flows to and what it reads only, returning `(b, rows, h,
   dv)`): `checkpoint(fn, rows, tensors, constants)`,
   `recomputed_blocks(fn, blocks, tensors, constants, key) -> (b, q, h, dv)
-  or None`;
+  or None`; every block of a call as one traced function, `traced(fn,
+  tensors, constants, key) -> (b, q, h, dv) or None`;
 - the banded path's blocks: `fuses_band()`, `attends_in_parts()`,
   `attend_in_parts(queries (left, right) (b, q, h, d), constants (left,
   right) (b, h, q), keys (b, k, h, d), values (b, k, h, dv), band_queries

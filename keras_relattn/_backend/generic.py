@@ -155,6 +155,15 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     return None
 
 
+def traced(fn, tensors, constants, key):
+    """`fn(tensors, constants)` (the blocks of one pooled call) as one traced
+    function, cached by `key` (hashable, determining `fn`), where the backend
+    runs op by op (eager TensorFlow: each op a dispatch); or None where it
+    does not (here, and compiled or already traced callers): the caller then
+    runs `fn` itself."""
+    return None
+
+
 def place_keys(outside, inside, start):
     """`outside` `(..., keys)` with `inside` `(..., width)` written over the
     keys from `start` on (`start + width <= keys`): a traced `start` (a

@@ -24,6 +24,7 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     sizes_are_frozen,
     softmax,
     take_along_rows,
+    traced,
     works_in_place,
 )
 

@@ -54,6 +54,32 @@ def place_keys(outside, inside, start):
     return tf.where((key >= start) & (key < start + width), rolled, outside)
 
 
+def traced(fn, tensors, constants, key):
+    """Eagerly, the blocks as one `tf.function` (a graph, not XLA: traced
+    once per `key` and input signature, no compilation): eager TensorFlow
+    pays a Python dispatch for each of the few hundred small ops of a
+    banded call, a graph none. Its gradient is the graph's. None in a graph
+    already (`tf.function`, `model.fit`)."""
+    if not tf.executing_eagerly():
+        return None
+    if key not in _TRACED:
+        if len(_TRACED) >= 64:
+            _TRACED.pop(next(iter(_TRACED)))
+        tensors_skeleton, constants_skeleton = flatten(tensors)[1], flatten(constants)[1]
+
+        def run(tensor_leaves, constant_leaves):
+            return fn(rebuild(tensors_skeleton, tensor_leaves),
+                      rebuild(constants_skeleton, constant_leaves))
+
+        _TRACED[key] = tf.function(run, autograph=False)
+    return _TRACED[key](flatten(tensors)[0], flatten(constants)[0])
+
+
+# Traced blocks by key: the function and the records' structure are those of
+# the first call with that key, which determines them.
+_TRACED = {}
+
+
 def recomputed_blocks(fn, blocks, tensors, constants, key):
     """One `tf.custom_gradient` whose forward runs every block unrecorded and
     whose gradient recomputes one block at a time under its own tape, adding
@@ -99,7 +125,8 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
                     block, values, output_gradients=take_rows(upstream, 1, rows),
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
-                return [a + b for a, b in zip(sums, grads)]
+                # (each sum keeps its static shape: a graph's loop requires it)
+                return [tf.ensure_shape(a + b, a.shape) for a, b in zip(sums, grads)]
 
             return loop.each_block(add, [tf.zeros_like(t) for t in values])
 

@@ -13,6 +13,7 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     _heads_to,
     exact_gelu,
     softmax,
+    traced,
 )
 
 # `torch.gather` takes int64 indices only.
