@@ -107,3 +107,65 @@ def input_and_weight_gradients(layer, loss_fn, inputs, wrt=("content_queries",),
         for g, t in zip(grads, targets)
     ]
     return dict(zip(wrt, grads[: len(wrt)])), grads[len(wrt):]
+
+
+class EdspdfGradients:
+    """Our weights' gradients under edspdf's parameter names (see
+    `edspdf_named_gradients`).
+
+    Attributes:
+        trainable: edspdf name -> the gradient of the trainable weight that
+            name holds (laid out as edspdf's tensor); shared projections
+            under both of their names.
+        frozen: the names that hold a non-trainable weight (say the table as
+            a buffer).
+        unused: the names our layer has no weight for (a position projection
+            no term reads, exported as zeros).
+    """
+
+    def __init__(self, trainable, frozen, unused):
+        self.trainable, self.frozen, self.unused = trainable, frozen, unused
+
+
+def edspdf_named_gradients(layer, weight_gradients):
+    """`weight_gradients` (one per `layer.trainable_weights`, as
+    `input_and_weight_gradients` returns them) under edspdf's names, by the
+    public `keras_relattn.edspdf_state_dict`: with the trainable weights set
+    to their gradients, the state dict is the gradients (its layouts are
+    reshapes and transposes: linear, so a gradient maps exactly as its
+    weight). Which name holds which kind of weight is found the same way:
+    a name whose tensor changes when only the trainable (or only the
+    non-trainable) weights change holds one. The weights are restored."""
+    from keras_relattn import edspdf_state_dict
+
+    trainable = list(layer.trainable_weights)
+    frozen = [w for w in layer.non_trainable_weights if "float" in str(w.dtype)]
+    assert len(weight_gradients) == len(trainable)
+    saved = [to_numpy(w) for w in trainable + frozen]
+
+    def state(trainable_values, frozen_values):
+        for w, value in zip(trainable + frozen, list(trainable_values) + list(frozen_values)):
+            w.assign(np.asarray(value).astype(w.dtype))
+        return edspdf_state_dict(layer)
+
+    def fill(weights, value):
+        return [np.full(tuple(w.shape), value, "float32") for w in weights]
+
+    try:
+        zeros = state(fill(trainable, 0), fill(frozen, 0))
+        trainable_ones = state(fill(trainable, 1), fill(frozen, 0))
+        frozen_ones = state(fill(trainable, 0), fill(frozen, 1))
+        grads = state(weight_gradients, fill(frozen, 0))
+    finally:
+        for w, value in zip(trainable + frozen, saved):
+            w.assign(value)
+
+    def changed(ones):
+        return {name for name in zeros if not np.array_equal(ones[name], zeros[name])}
+
+    trainable_names, frozen_names = changed(trainable_ones), changed(frozen_ones)
+    assert not trainable_names & frozen_names, trainable_names & frozen_names
+    return EdspdfGradients(
+        {name: grads[name] for name in trainable_names}, frozen_names,
+        set(zeros) - trainable_names - frozen_names,
+    )

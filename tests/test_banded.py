@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BACKEND, edspdf_module, input_and_weight_gradients, to_numpy
+from helpers import (
+    BACKEND,
+    edspdf_module,
+    edspdf_named_gradients,
+    input_and_weight_gradients,
+    to_numpy,
+)
 from keras_relattn import RelativeAttention, RelativeTransformerLayer, config
 from keras_relattn import load_edspdf_state_dict
 from keras_relattn.positions import sequence_positions, sequence_relative_positions
@@ -122,8 +128,6 @@ def test_token_indices_are_the_sequence_offsets(rng):
 def test_banded_path_equals_edspdf_outputs_and_gradients(seed):
     """edspdf's module on the token offsets, its autograd against ours
     through the banded path (every input and parameter)."""
-    from keras_relattn.porting import _entries
-
     rng = np.random.default_rng([20261206, seed])
     n_positions = [6, 9, 12][seed]
     table = rng.normal(size=(n_positions, 12)).astype("float32")
@@ -152,11 +156,8 @@ def test_banded_path_equals_edspdf_outputs_and_gradients(seed):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     for name in wrt:
         assert_gradients_close(grads[name], theirs_inputs[name], name)
-    by_variable = {id(w): g for w, g in zip(layer.trainable_weights, weights)}
-    for entry in _entries(layer):
-        if entry.variable is not None and entry.variable.trainable:
-            assert_gradients_close(entry.to_edspdf(by_variable[id(entry.variable)]),
-                                   theirs_parameters[entry.name], entry.name)
+    for name, grad in edspdf_named_gradients(layer, weights).trainable.items():
+        assert_gradients_close(grad, theirs_parameters[name], name)
 
 
 def test_banded_path_compiled_and_recomputed(rng):

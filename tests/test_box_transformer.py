@@ -154,24 +154,6 @@ def whole_page_inputs(boxes, n_relative_positions):
     return offsets, no_position
 
 
-@pytest.mark.parametrize("rows", [slice(None), slice(0, 2), slice(2, 5), slice(5, 6)])
-def test_box_offsets_per_block_equal_edspdfs_whole_page_tensors(rows, rng):
-    from keras_relattn._offsets import box_offsets
-
-    _, ours = pages(rng)
-    offsets, no_position = whole_page_inputs(ours["boxes"], 32)
-    block = box_offsets(ours["boxes"], 32, "float32")
-    keep = to_numpy(block.form.position_factor(block.tensors, rows))
-    keep = np.broadcast_to(keep, no_position[:, rows].shape)
-    np.testing.assert_array_equal(keep, ~no_position[:, rows])
-    # Pairs without position terms may hold any offset (edspdf's are 0);
-    # padded lines (height 0) give both the most negative integer.
-    real = np.pad(ours["mask"], [[0, 0], [1, 0]])
-    pairs = (keep > 0) & real[:, rows, None] & real[:, None, :]
-    got = to_numpy(block.form.rows(block.tensors, rows))
-    np.testing.assert_array_equal(got[pairs], offsets[:, rows][pairs])
-
-
 def test_long_pages_in_blocks_equal_edspdf_and_the_full_paths_gradients(
         small_blocks, rng):
     """Pages of 9 lines in blocks of one query, each recomputed: the box

@@ -23,7 +23,6 @@ import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
 from helpers import BACKEND, to_numpy
-from keras_relattn.positions import _bucket_edges, _buckets_in_numpy, _log_ratio
 from keras_relattn.positions import log_bucket_positions
 
 # Compares with the real edspdf or DeBERTa: a skip here fails the run (conftest).
@@ -54,6 +53,31 @@ def deberta(offsets, bucket_size, max_position):
     ).numpy().astype(np.int64)
 
 
+def deberta_log_ratio(bucket_size, max_position):
+    """`log((max_position - 1) / mid)` as DeBERTa computes it: the ratio in
+    Python, then a float32 tensor, then its log, correctly rounded."""
+    ratio = np.float32((max_position - 1) / (bucket_size // 2))
+    return np.float32(np.log(np.float64(ratio)))
+
+
+def correctly_rounded_buckets(offsets, bucket_size, max_position):
+    """What our layer promises: DeBERTa's float32 formula (offsets clamped
+    to +-2**30 first) with each float32 step (the int to float32
+    conversion, division, `log`, quotient, product) correctly rounded, as
+    NumPy computes it in float64 and rounds once."""
+    offsets = np.clip(np.asarray(offsets, np.int64), -(2**30), 2**30)
+    mid = bucket_size // 2
+    sizes = np.abs(offsets)
+    far = np.maximum(sizes, mid + 1).astype(np.float32).astype(np.float64)
+    ratio = (far / mid).astype(np.float32)
+    log = np.log(ratio.astype(np.float64)).astype(np.float32)
+    scaled = (log.astype(np.float64)
+              / np.float64(deberta_log_ratio(bucket_size, max_position))).astype(np.float32)
+    product = (scaled.astype(np.float64) * (mid - 1)).astype(np.float32)
+    bucket = np.ceil(product).astype(np.int64) + mid
+    return np.where(sizes > mid, np.sign(offsets) * bucket, offsets)
+
+
 def one_ulp_buckets(sizes, bucket_size, max_position):
     """The lowest and highest bucket past `mid` that DeBERTa's float32
     formula gives for int64 `sizes > mid` when each of its two `log`s (of
@@ -63,7 +87,7 @@ def one_ulp_buckets(sizes, bucket_size, max_position):
     mid = bucket_size // 2
     ratio = (sizes.astype(np.float64) / mid).astype(np.float32)
     log = np.log(ratio.astype(np.float64)).astype(np.float32)
-    log_ratio = _log_ratio(bucket_size, max_position)
+    log_ratio = deberta_log_ratio(bucket_size, max_position)
     found = []
     for numerator in (np.nextafter(log, np.float32(-np.inf)), log,
                       np.nextafter(log, np.float32(np.inf))):
@@ -107,11 +131,20 @@ def compiled(function):
     return function  # torch eager: the same kernels as the sweep's eager run
 
 
+# `log_bucket_positions` finds the edges of the first 2**16 buckets past `mid`
+# (all of them unless `max_position` is barely past `mid`; test_internals.py
+# checks its edges against this number); past them it keeps the float formula.
+EDGES_FOUND = 2**16
+
+
 def exact_region(bucket_size, max_position):
     """Offsets whose bucket the edges determine: all of them, except past
     the 65536th bucket edge for `max_position` barely past `mid`."""
-    edges, complete = _bucket_edges(bucket_size, max_position)
-    return np.abs(OFFSETS) < (np.inf if complete else edges[-1])
+    mid = bucket_size // 2
+    if correctly_rounded_buckets(2**30, bucket_size, max_position) - mid <= EDGES_FOUND:
+        return np.ones(OFFSETS.shape, bool)  # every bucket's edges found
+    past_mid = np.abs(correctly_rounded_buckets(OFFSETS, bucket_size, max_position)) - mid
+    return past_mid < EDGES_FOUND
 
 
 def test_deberta_v3_is_in_the_sweep_and_its_edge_case_is_right():
@@ -122,7 +155,7 @@ def test_deberta_v3_is_in_the_sweep_and_its_edge_case_is_right():
     want = deberta(offsets, 256, 512)
     assert np.all((low <= want) & (want <= high))
     np.testing.assert_array_equal(got[:6], [-255, 255, -256, 256, 127, 129])
-    np.testing.assert_array_equal(got, _buckets_in_numpy(offsets, 256, 512))
+    np.testing.assert_array_equal(got, correctly_rounded_buckets(offsets, 256, 512))
     assert got[0] == -255  # table row 1 of 512 (row 0 before the fix)
     # 511 = max_position - 1 scales to exactly mid - 1, and 7464 lies within
     # one ulp of an edge: the only machine-dependent offsets of v3 up to 8192.
@@ -141,7 +174,8 @@ def test_a_one_ulp_log_moves_the_reported_buckets():
         assert np.all((low <= [theirs, -theirs]) & ([theirs, -theirs] <= high))
         ours = to_numpy(log_bucket_positions(np.array([offset]), bucket_size, max_position))
         assert ours[0] != theirs and abs(int(ours[0]) - theirs) == 1
-        assert ours[0] == _buckets_in_numpy(np.array([offset]), bucket_size, max_position)[0]
+        exact = correctly_rounded_buckets(np.array([offset]), bucket_size, max_position)
+        assert ours[0] == exact[0]
 
 
 @pytest.mark.parametrize("run", ["eager", "compiled"])
@@ -161,7 +195,7 @@ def test_log_buckets_equal_deberta_over_the_sweep(run):
             got = to_numpy(function(offsets, bucket_size, max_position))
         assert got.dtype == np.int32
         region = exact_region(bucket_size, max_position)
-        exact = _buckets_in_numpy(OFFSETS, bucket_size, max_position)
+        exact = correctly_rounded_buckets(OFFSETS, bucket_size, max_position)
         theirs = deberta(OFFSETS, bucket_size, max_position)
         low, high = accepted(OFFSETS, bucket_size, max_position)
         decided = region & (low == high)
@@ -173,16 +207,6 @@ def test_log_buckets_equal_deberta_over_the_sweep(run):
             wrong[(bucket_size, max_position)] = OFFSETS[bad][:5]
     assert not wrong, wrong
     assert 0 < undecided < 0.001 * len(OFFSETS) * len(PAIRS)
-
-
-def test_only_degenerate_pairs_leave_offsets_to_the_float_formula():
-    """The edges cover every offset up to 2**30 unless `max_position` is
-    within a few percent of `mid` (then: the first 65536 buckets past it)."""
-    partial = [p for p in PAIRS if not _bucket_edges(*p)[1]]
-    assert partial == [(128, 66), (200, 102), (256, 130), (512, 258)]
-    for bucket_size, max_position in partial:
-        assert max_position == bucket_size // 2 + 2
-        assert _bucket_edges(bucket_size, max_position)[0][-1] > 600
 
 
 def test_sign_symmetry_monotonicity_and_range():

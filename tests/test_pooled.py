@@ -65,17 +65,6 @@ def test_blocks_cover_the_queries_once(rng):
     np.testing.assert_allclose(split, whole, atol=1e-6)
 
 
-def test_long_inputs_are_pooled_in_blocks():
-    """Length 8192, batch 1, 4 heads: no whole (1, 4, 8192, 8192) tensor."""
-    from keras_relattn import _block_plan
-
-    q = np.zeros((1, 8192, 4, 1), "float32")  # (batch, tokens, heads, head size)
-    blocks = _block_plan.query_blocks(q, q)
-    assert len(blocks) > 1
-    rows = blocks[0].stop - blocks[0].start
-    assert 4 * rows * 8192 <= _block_plan.block_elements()
-
-
 def test_fully_masked_rows_average_the_values(rng, blocks):
     layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
                               n_coordinates=2)

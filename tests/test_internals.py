@@ -1,6 +1,13 @@
-"""Each backend's fast path (`_backend.get()`) against the generic `keras.ops`
-version (`_backend.generic()`), which is what a backend without a fast path
-runs."""
+"""The package's private names, tested where they live: the one test module
+that imports them (the others test through the public API and
+`keras_relattn.config`).
+
+First each backend's fast path (`_backend.get()`) against the generic
+`keras.ops` version (`_backend.generic()`), which is what a backend without a
+fast path runs; then the private units whose own contract a test pins (the
+flat gather's guard, the dropout mask's rate, the block plan, the box offsets
+per block, the log buckets' edges).
+"""
 
 import dataclasses
 
@@ -10,10 +17,12 @@ import pytest
 from keras import ops
 
 from helpers import BACKEND, to_numpy
-from keras_relattn import _backend, config
-from keras_relattn._position_terms import position_terms
+from keras_relattn import RelativeAttention, _backend, _block_plan, config
+from keras_relattn._logits import keep_mask
+from keras_relattn._position_terms import flat_index_fits, position_terms
 from keras_relattn._records import Record
 from keras_relattn._rows import take_rows
+from keras_relattn.positions import _bucket_edges
 
 FAST, GENERIC = _backend.get(), _backend.reference()
 
@@ -359,3 +368,146 @@ def test_torch_public_kernel_equals_the_cpu_op(masked, rng):
     want = cpu.backward(grad, q, k, v, mask, merged_out, merged_lse, state_a)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5)
+
+
+# Private units whose contract a test pins ------------------------------------
+#
+# Moved here from the modules that test through the public API; those from
+# modules marked `reference` keep the marker.
+
+
+@pytest.mark.reference
+def test_flat_gather_guard_is_exact_at_the_int32_limit():
+    """`(batch * rows + row) * n_positions + offset` must stay below 2**31."""
+    assert not flat_index_fits(65, 4096, 8192)  # the reported case
+    assert flat_index_fits(64, 4096, 8191)
+    assert not flat_index_fits(2, 2**30, 1)
+    assert not flat_index_fits(None, 4, 4)  # unknown: not proved
+
+
+@pytest.mark.reference
+def test_the_int8_bar_catches_the_bias_on_the_length_axis(monkeypatch):
+    """The bug simulated (the projections' bias added along the length axis
+    in int8): every seed of test_adversarial.py's
+    `test_int8_model_with_length_equal_to_heads_stays_close` fails the bar."""
+    from keras_relattn._projection import Projection
+    from test_adversarial import INT8_BAR, INT8_SEEDS, int8_error
+
+    safe = Projection._add_bias
+
+    def length_axis_bias(self, x):
+        if self.bias is None or getattr(self, "quantization_mode", None) != "int8" or (
+                x.shape[1] != self.bias.shape[0]):  # the bug needs length == heads
+            return safe(self, x)
+        bias = keras.ops.cast(self.bias, x.dtype)
+        return x + keras.ops.reshape(bias, (1, bias.shape[0], 1, bias.shape[1]))
+
+    monkeypatch.setattr(Projection, "_add_bias", length_axis_bias)
+    errors = [int8_error(seed) for seed in INT8_SEEDS]
+    assert min(errors) > INT8_BAR, errors
+
+
+@pytest.mark.reference
+def test_blockwise_dropout_statistics_match_the_full_path(rng):
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              dropout_p=0.3, seed=5)
+    x = rng.normal(size=(1, 6, 8)).astype("float32")
+    rp = rng.integers(-4, 5, size=(1, 6, 6, 1))
+    draws = 120  # JAX traces each long call anew: 300 took a minute
+
+    def run(return_logits):
+        out = layer(x, x, x, relative_positions=rp, training=True, return_logits=return_logits)
+        return to_numpy(out[0] if return_logits else out)
+
+    with config.block_settings(block_elements=2 * 6 * 2, recompute_elements=0) as log:  # 2 queries
+        blockwise = np.stack([run(False) for _ in range(draws)])
+    full = np.stack([run(True) for _ in range(draws)])
+    assert log.plans[0] == config.BlockPlan(6, 3, True)
+    scale = full.std(0).mean()
+    assert scale > 0.05
+    np.testing.assert_allclose(blockwise.std(0).mean(), scale, rtol=0.15)
+    assert np.abs(blockwise.mean(0) - full.mean(0)).mean() < 4 * scale * np.sqrt(2 / draws)
+    # The rate is the configured one: the mean of kept weights.
+    seed = keras.ops.convert_to_tensor(np.int32(11))
+    kept = to_numpy(keep_mask(seed, (4, 8, 64, 64), 0, 0.3)).mean()
+    assert abs(kept - 0.7) < 0.01
+
+
+@pytest.mark.reference
+def test_only_long_inputs_recompute_their_blocks():
+    """Short inputs split in blocks (torch eager's 2**20) keep them: W2's
+    `(4, 4, 512, 512)` does not recompute; 8192 tokens do."""
+    short = np.zeros((4, 512, 4, 2), "float32")  # (batch, tokens, heads, head size)
+    long = np.zeros((1, 8192, 4, 2), "float32")
+    assert not _block_plan.recomputes(short, short)
+    assert _block_plan.recomputes(long, long)
+
+
+def test_long_inputs_are_pooled_in_blocks():
+    """Length 8192, batch 1, 4 heads: no whole (1, 4, 8192, 8192) tensor."""
+    q = np.zeros((1, 8192, 4, 1), "float32")  # (batch, tokens, heads, head size)
+    blocks = _block_plan.query_blocks(q, q)
+    assert len(blocks) > 1
+    rows = blocks[0].stop - blocks[0].start
+    assert 4 * rows * 8192 <= _block_plan.block_elements()
+
+
+def whole_page_inputs(boxes, n_relative_positions):
+    """What edspdf's `BoxTransformerModule` gives its layers: `(pages, lines
+    + 1, lines + 1, 2)` offsets (0 on the CLS row and column) and the
+    no-position mask of that row and column."""
+    import torch
+    from edspdf.utils.torch import compute_pdf_relative_positions
+
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in boxes.items()}
+    inner = compute_pdf_relative_positions(
+        t["xmin"], t["ymin"], t["xmax"], t["ymax"], t["width"], t["height"],
+        n_relative_positions=n_relative_positions,
+    ).numpy()
+    pages, lines = inner.shape[:2]
+    offsets = np.zeros((pages, lines + 1, lines + 1, 2), "int64")
+    offsets[:, 1:, 1:] = inner
+    no_position = np.ones((pages, lines + 1, lines + 1), bool)
+    no_position[:, 1:, 1:] = False
+    return offsets, no_position
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("rows", [slice(None), slice(0, 2), slice(2, 5), slice(5, 6)])
+def test_box_offsets_per_block_equal_edspdfs_whole_page_tensors(rows, rng):
+    from keras_relattn._offsets import box_offsets
+    from test_box_transformer import pages
+
+    _, ours = pages(rng)
+    offsets, no_position = whole_page_inputs(ours["boxes"], 32)
+    block = box_offsets(ours["boxes"], 32, "float32")
+    keep = to_numpy(block.form.position_factor(block.tensors, rows))
+    keep = np.broadcast_to(keep, no_position[:, rows].shape)
+    np.testing.assert_array_equal(keep, ~no_position[:, rows])
+    # Pairs without position terms may hold any offset (edspdf's are 0);
+    # padded lines (height 0) give both the most negative integer.
+    real = np.pad(ours["mask"], [[0, 0], [1, 0]])
+    pairs = (keep > 0) & real[:, rows, None] & real[:, None, :]
+    got = to_numpy(block.form.rows(block.tensors, rows))
+    np.testing.assert_array_equal(got[pairs], offsets[:, rows][pairs])
+
+
+@pytest.mark.reference
+def test_only_degenerate_pairs_leave_offsets_to_the_float_formula():
+    """The edges cover every offset up to 2**30 unless `max_position` is
+    within a few percent of `mid` (then: the first 65536 buckets past it).
+    test_buckets.py's sweep checks the offsets these edges determine
+    (`exact_region`, from the exact formula and `EDGES_FOUND`): the same."""
+    from test_buckets import EDGES_FOUND, OFFSETS, PAIRS, exact_region
+
+    partial = [p for p in PAIRS if not _bucket_edges(*p)[1]]
+    assert partial == [(128, 66), (200, 102), (256, 130), (512, 258)]
+    for bucket_size, max_position in partial:
+        assert max_position == bucket_size // 2 + 2
+        assert _bucket_edges(bucket_size, max_position)[0][-1] > 600
+    for pair in PAIRS:
+        edges, complete = _bucket_edges(*pair)
+        assert complete or len(edges) == EDGES_FOUND
+        np.testing.assert_array_equal(
+            exact_region(*pair), np.abs(OFFSETS) < (np.inf if complete else edges[-1]),
+            err_msg=str(pair))
