@@ -186,7 +186,9 @@ def band_for(n_positions, block_rows, n_keys, buckets=None):
     width = block_rows + int(above - below) - 2
     if not 0 < width < n_keys:
         return None
-    return Band(int(below), int(above), width, int(left), int(right))
+    inside = (offsets > below) & (offsets < above)
+    return Band(int(below), int(above), width, int(left), int(right),
+                tuple(int(row) for row in index[inside]))
 
 
 def _band(n_positions, n_keys, q, blocks, buckets):

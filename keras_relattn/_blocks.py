@@ -41,6 +41,7 @@ class Band:
     width: int
     row_below: int
     row_above: int
+    window_rows: tuple = ()  # the table row of each offset between below and above
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,52 @@ def band_in_parts(step, rows, tensors, constants):
                   None if key_mask is None else key_mask[:, None, None, :])
 
 
+def band_whole(step, tensors, constants):
+    """The banded path over every query at once, on the backend's fused
+    kernel (`attend_band`): the far keys as two causal attentions, each
+    query's window of keys between the band's edges explicitly. None where
+    the backend has no such kernel, or it does not apply (no c2c term, a
+    mask that is not one of keys)."""
+    if not step.c2c or not step.keys_only_mask:
+        return None
+    band, positions, edges = step.band, tensors.positions, tensors.edges
+    q, k = tensors.c2c_q, tensors.c2c_k
+    if band.above - band.below < 2 or _cross_lengths(q, k):  # no window, or cross lengths
+        return None
+    rows = ops.convert_to_tensor(band.window_rows, "int32")
+    bias = tensors.extra[0] if step.n_extra else None  # (heads, 1, 1)
+    window_table = window_scores = None
+    if edges.table_q is not None:  # p2c
+        window_table = ops.take(positions.query_table[0], rows, axis=0)
+    if positions.queries is not None:  # c2p: (batch, heads, n, window)
+        window_scores = ops.einsum("bnhd,whd->bhnw", q,
+                                   ops.take(positions.key_table[0], rows, axis=0))
+    if bias is not None:
+        window_scores = bias if window_scores is None else window_scores + bias
+    far_queries = tuple(q if edges.table_q is None else q + edges.table_q[e] for e in (0, 1))
+    far_constants = []
+    for e in (0, 1):
+        constant = (ops.zeros_like(ops.transpose(q[..., 0], (0, 2, 1))) if edges.c2p is None
+                    else edges.c2p[..., e])
+        far_constants.append(constant if bias is None
+                             else constant + ops.reshape(bias, (1, -1, 1)))
+    key_mask = None
+    if constants.attend is not None:
+        key_mask = ops.broadcast_to(constants.attend, (ops.shape(q)[0], 1, 1, ops.shape(k)[1]))
+        key_mask = key_mask[:, 0, 0]
+    return _backend.get().attend_band(far_queries, tuple(far_constants), k, tensors.values, q,
+                                      window_table, window_scores, (band.below, band.above),
+                                      key_mask)
+
+
+def _cross_lengths(q, k):
+    """Whether the queries and keys differ in length (or a length is not
+    known): token `i` of each numbered `i`, the far keys are causal
+    attentions only where the lengths are equal."""
+    n_queries, n_keys = q.shape[1], k.shape[1]
+    return not isinstance(n_queries, int) or n_queries != n_keys
+
+
 def _logits_in_parts(queries, shifts, keys, band_queries, band_positions, band_keys):
     """A banded block's logits `(batch, heads, rows, keys)`, joined from its
     three parts (see `band_in_parts`)."""
@@ -229,6 +276,10 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
     - else block by block, each kept for the backward pass.
     """
     backend = _backend.get()
+    if step.band is not None:
+        whole = band_whole(step, tensors, constants)
+        if whole is not None:
+            return whole
     in_place = backend.works_in_place(flatten(tensors)[0])
     if len(blocks) == 1:
         return run_block(step, blocks[0], tensors, constants, dropout, in_place)

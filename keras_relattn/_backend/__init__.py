@@ -37,7 +37,12 @@ table rows, `d` head size; "record": a frozen dataclass of tensors,
   right) (b, h, q), keys (b, k, h, d), values (b, k, h, dv), band_queries
   (b, q, h, d), band_positions (b, h, q, band), band_keys (start, stop),
   key_mask (b, k) | None) -> (b, q, h, dv) or None` (None: no fused
-  kernel; the caller joins the parts' logits and attends).
+  kernel; the caller joins the parts' logits and attends);
+  `attend_band(far_queries (left, right) (b, n, h, d), far_constants (left,
+  right) (b, h, n), keys (b, n, h, d), values (b, n, h, dv), band_queries
+  (b, n, h, d), window_table (w, h, d) | None, window_scores (b, h, n, w) |
+  None, window (below, above), key_mask (b, n) | None) -> (b, n, h, dv) or
+  None` (every query at once; None: no such kernel, the blocks run).
 
 A backend module imports nothing of the package but the rows of a block
 and the records it flattens (`keras_relattn._rows`, `keras_relattn._records`).

@@ -155,6 +155,34 @@ def recomputed_blocks(fn, blocks, tensors, constants, key):
     return None
 
 
+def attend_band(far_queries, far_constants, keys, values, band_queries, window_table,
+                window_scores, window, key_mask):
+    """The banded attention of every query at once on a fused kernel (see
+    torch's), or None where the backend has none (here): the caller then
+    runs the banded blocks.
+
+    Query `i` reads the table's edge rows for the keys `j <= i + below` (far
+    left: logits `far_queries[0]_i . k_j + far_constants[0]_i`) and `j >= i
+    + above` (far right, likewise), and its window between: logits
+    `(band_queries_i + window_table[t]) . k_j + window_scores[i, t]` for `j =
+    i + below + 1 + t`.
+
+    Args:
+        far_queries: `(left, right)` `(batch, n, heads, d)`.
+        far_constants: `(left, right)` `(batch, heads, n)`.
+        keys: `(batch, n, heads, d)`; values `(batch, n, heads, dv)`.
+        band_queries: `(batch, n, heads, d)`.
+        window_table: `(w, heads, d)` or None; window_scores: broadcastable
+            to `(batch, heads, n, w)` or None (`w = above - below - 1`).
+        window: `(below, above)` Python ints.
+        key_mask: `(batch, n)` bool (True: attend) or None.
+
+    Returns:
+        `(batch, n, heads, dv)`, or None.
+    """
+    return None
+
+
 def traced(fn, tensors, constants, key):
     """`fn(tensors, constants)` (the blocks of one pooled call) as one traced
     function, cached by `key` (hashable, determining `fn`), where the backend

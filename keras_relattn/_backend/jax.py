@@ -14,6 +14,7 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     GATHERS_ALONG_ROWS,
     INDEX_DTYPE,
     add_in_place,
+    attend_band,
     attend_in_parts,
     fuses_band,
     add_matmul_in_place,

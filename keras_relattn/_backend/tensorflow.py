@@ -12,6 +12,7 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     INDEX_DTYPE,
     _heads_to,
     add_in_place,
+    attend_band,
     attend_in_parts,
     attends_in_parts,
     fuses_band,
