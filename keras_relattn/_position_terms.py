@@ -215,8 +215,7 @@ class PositionTerms:
 
 
 def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None,
-                   layout=None, output=None, block_diagonal=None, buckets=None,
-                   per_block=False):
+                   output=None, buckets=None, per_block=False):
     """The c2p + p2c terms of one call: `(PositionTerms, PositionTensors,
     PositionConstants)`, the table scores made once, to be gathered per
     block of queries (or, `per_block`, what each block makes its own from).
@@ -231,11 +230,8 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
             turned into table rows block by block.
         no_position_mask: optional bool or 0/1 `(batch or 1, queries or 1,
             keys or 1)`: True zeroes both terms of that pair.
-        layout: `"head_major"` or `"heads_minor"`, the flat gather's score layout;
-            by default the backend's.
-        output: `"bqkh"` or `"bhqk"`; by default the backend's.
-        block_diagonal: for `"heads_minor"`, force or forbid the block-diagonal
-            matmul; by default chosen from the number of heads.
+        output: the logits' layout, `"bqkh"` or `"bhqk"` (the pooled path's);
+            by default the backend's `LOGITS_LAYOUT` (the per-token path's).
         buckets: DeBERTa's `(bucket_size, max_position)`, or None.
         per_block: each block scores its own queries and keys (the banded
             path, whose blocks read a band of keys each): the tensors hold
@@ -244,10 +240,10 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
     backend = _backend.get()
     table = pos_k if pos_k is not None else pos_q
     coords, heads = table.shape[1], table.shape[2]
-    layout = backend.SCORE_LAYOUT if layout is None else layout
+    layout = backend.SCORE_LAYOUT
     output = backend.LOGITS_LAYOUT if output is None else output
-    if layout not in LAYOUTS:
-        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS:  # a backend's constant
+        raise ValueError(f"the backend's SCORE_LAYOUT must be one of {LAYOUTS}, got {layout!r}")
     if output not in OUTPUTS:
         raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
     constants = _constants(q, k, relative_positions, no_position_mask, coords)
@@ -260,8 +256,7 @@ def position_terms(q, k, pos_q, pos_k, relative_positions, no_position_mask=None
         batch=ops.shape(q)[0], n_queries=ops.shape(q)[1], n_keys=ops.shape(k)[1],
         has_position_factor=constants.position_factor is not None, buckets=buckets,
         scored_per_block=per_block,
-        block_diagonal=heads <= BLOCK_DIAGONAL_MAX_HEADS if block_diagonal is None
-        else block_diagonal,
+        block_diagonal=heads <= BLOCK_DIAGONAL_MAX_HEADS,
         **_gather_for(backend, layout, output, ops.shape(q)[0], ops.shape(q)[1],
                       ops.shape(k)[1], ops.shape(table)[0]),
     )

@@ -183,11 +183,13 @@ def test_recomputed_blocks_and_checkpoints_equal_plain_blocks(rng):
 @pytest.mark.parametrize("flat_limit", [None, 16], ids=["flat", "past the flat limit"])
 @pytest.mark.parametrize("per_block", [False, True], ids=["scored once", "scored per block"])
 def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat_limit,
-                                               per_block, rng):
+                                               per_block, rng, monkeypatch):
     """The score-then-gather terms against gathering table rows per pair,
     whole, by blocks of queries and by a block's span of keys, with each
-    gather strategy, the scores made once or by each block for its own
+    gather strategy (each backend's score layout, set on this backend's
+    module) and logits layout, the scores made once or by each block for its own
     queries and keys."""
+    monkeypatch.setattr(_backend.get(), "SCORE_LAYOUT", layout)
     b, nq, nk, h, x, chunk, p = 2, 3, 4, 3, 2, 2, 7
     q = rng.normal(size=(b, nq, h, x * chunk)).astype("float32")
     k = rng.normal(size=(b, nk, h, x * chunk)).astype("float32")
@@ -197,7 +199,7 @@ def test_position_logits_equal_a_direct_gather(layout, output, index_batch, flat
     offsets = index - p // 2  # the table rows `index`
     with config.block_settings(flat_index_limit=flat_limit):
         terms, tensors, constants = position_terms(
-            *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), layout=layout, output=output,
+            *(tensor(a) for a in (q, k, pos_q, pos_k, offsets)), output=output,
             per_block=per_block)
     assert terms.scored_per_block == per_block
     assert (tensors.scores == ()) == per_block  # per block: no whole-input scores made
