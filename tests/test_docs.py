@@ -37,7 +37,7 @@ def public_objects():
     from keras_relattn import deberta
 
     names += [getattr(deberta, n) for n in ("from_transformers", "to_transformers_state_dict",
-                                            "from_keras_hub")]
+                                            "from_keras_hub", "backbone")]
     names += [getattr(positions, n) for n in dir(positions)
               if n.endswith(("_positions", "_table")) and callable(getattr(positions, n))]
     return names
@@ -49,3 +49,16 @@ def test_public_names_have_kerashub_style_docstrings(obj):
     for section in ("Args:", "Returns:", "Examples:", "References:"):
         assert section in doc, f"{obj.__name__} lacks {section}"
     assert ">>>" in doc
+
+
+def test_version_is_the_installed_metadatas_and_has_a_changelog_entry():
+    """One version: `__version__`, which pyproject.toml's dynamic version
+    reads, the installed metadata's (tests/test_wheel.py checks a built
+    wheel's), and its entry in CHANGELOG.md."""
+    from importlib.metadata import version
+
+    import keras_relattn
+
+    assert keras_relattn.__version__ == version("keras-relattn")
+    with open(os.path.join(ROOT, "CHANGELOG.md")) as f:
+        assert f"\n## {keras_relattn.__version__}\n" in f.read()
