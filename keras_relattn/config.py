@@ -8,11 +8,11 @@ them to trade memory for speed, or, in tests, to make a few queries several
 blocks:
 
 ```python
-import keras_relattn
+from keras_relattn import config
 
-with keras_relattn.config.block_settings(block_elements=64, recompute_elements=0) as log:
+with config.block_settings(block_elements=64, recompute_elements=0) as log:
     pooled = layer(x, x, x, return_logits=False)
-log.plans  # one BlockPlan per pooled call: its blocks and whether they recompute
+log.plans  # one BlockPlan per pooled call: its blocks, whether they recompute
 ```
 
 Under a compiler (`jax.jit`, `tf.function`, `torch.compile`) the settings are
@@ -34,17 +34,17 @@ class BlockSettings:
 
     Attributes:
         block_elements: the largest `(batch, heads, rows, keys)` block of
-            logits held at a time, or None for the backend's default (2**20
-            on torch eager, where larger fresh buffers cost page faults on
-            every call; 2**23 under XLA and `torch.compile`, which plan
-            their buffers).
+            logits held at a time, or None for the backend's default
+            (`2**20` on torch eager, where larger fresh buffers cost page
+            faults on every call; `2**23` under XLA and `torch.compile`,
+            which plan their buffers).
         recompute_elements: inputs whose whole `(batch, heads, queries,
             keys)` logits pass this many elements, and that make several
-            blocks, recompute each block in the backward pass (2**23:
+            blocks, recompute each block in the backward pass (`2**23`:
             32 MiB of float32). Shorter ones keep their blocks.
         flat_index_limit: the table scores are gathered by one flat number
             per (row, position) while their count stays below this (the
-            int32 range, 2**31); beyond it, or where sizes are not known,
+            int32 range, `2**31`); beyond it, or where sizes are not known,
             a gather along each row, whose numbers cannot wrap.
         band_rows: queries per block on the banded path (`sequence_positions`),
             or None for the backend's default (at least the table's size):
@@ -59,11 +59,16 @@ class BlockSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
-    """What one pooled call did: its `n_queries` (None where a trace does
-    not know them) in `n_blocks` blocks (1: all at once), each recomputed in
-    the backward pass if `recomputed`; with `sequence_positions`, the width
-    of the band of keys where the position terms were gathered (None: every
-    key)."""
+    """What one pooled call did, as `BlockLog.plans` lists it.
+
+    Attributes:
+        n_queries: the queries of the call, or None where a trace does not
+            know them.
+        n_blocks: the blocks of queries (1: all at once).
+        recomputed: whether each block is recomputed in the backward pass.
+        band_width: with `sequence_positions`, the width of the band of keys
+            where the position terms were gathered (None: every key).
+    """
 
     n_queries: Optional[int]
     n_blocks: int
@@ -73,7 +78,11 @@ class BlockPlan:
 
 @dataclasses.dataclass
 class BlockLog:
-    """The plans of the pooled calls made inside `block_settings`."""
+    """The plans of the pooled calls made inside `block_settings`.
+
+    Attributes:
+        plans: one `BlockPlan` per pooled call, in the order of the calls.
+    """
 
     plans: List[BlockPlan] = dataclasses.field(default_factory=list)
 
@@ -83,7 +92,12 @@ _logs = []
 
 
 def get_block_settings():
-    """The `BlockSettings` in force."""
+    """The block settings in force: the defaults, or those of the innermost
+    `block_settings` block.
+
+    Returns:
+        BlockSettings: the settings the next pooled call reads.
+    """
     return _settings[-1]
 
 
@@ -107,7 +121,8 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
         >>> from keras_relattn import RelativeAttention, config
         >>> layer = RelativeAttention(8, 2)
         >>> x = np.ones((1, 6, 8), "float32")
-        >>> with config.block_settings(block_elements=2 * 6 * 2) as log:  # 2 queries a block
+        >>> # blocks of 2 queries: batch 1 x heads 2 x rows 2 x keys 6
+        >>> with config.block_settings(block_elements=1 * 2 * 2 * 6) as log:
         ...     pooled = layer(x, x, x, return_logits=False)
         >>> log.plans
         [BlockPlan(n_queries=6, n_blocks=3, recomputed=False, band_width=None)]

@@ -196,9 +196,9 @@ def log_bucket_positions(relative_positions, bucket_size, max_position):
     edge (`|r| = max_position - 1` gives exactly `mid - 1` before the
     `ceil`), where a backend's `log`, one ulp off, would move them to the
     next bucket. So the edges are found once, in NumPy, with correctly
-    rounded float32 arithmetic (`_bucket_edges`), and each offset's bucket
-    from the float formula is checked against its two edges, in integers:
-    every backend, eager or compiled, gives the same buckets.
+    rounded float32 arithmetic, and each offset's bucket from the float
+    formula is checked against its two edges, in integers: every backend,
+    eager or compiled, gives the same buckets.
 
     Args:
         relative_positions (Tensor): integer tensor of offsets, any shape.
