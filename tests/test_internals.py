@@ -332,10 +332,11 @@ def test_torch_cuda_kernel_shapes_on_the_meta_device():
     k = v = torch.empty(2, 3, 50, 8, device="meta")
     mask = torch.zeros(2, 1, 1, 50, device="meta")
     for m in (None, mask):
-        out, lse, state = kernel.forward(q, k, v, m)
-        assert out.shape == (2, 3, 33, 8) and lse.shape == (2, 3, 33)
-        grads = kernel.backward(out, q, k, v, m, out, lse, state)
-        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+        for causal in (False, True):  # causal: the banded path's far keys
+            out, lse, state = kernel.forward(q, k, v, m, causal=causal)
+            assert out.shape == (2, 3, 33, 8) and lse.shape == (2, 3, 33)
+            grads = kernel.backward(out, q, k, v, m, out, lse, state, causal=causal)
+            assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 @pytest.mark.parametrize("masked", [True, False])
