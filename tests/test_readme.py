@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tokenize
+from html import unescape
 
 import pytest
 
@@ -59,14 +60,21 @@ def text_of(document):
 
 
 def python_blocks():
-    """`(document, index, code)` of every Python block to run."""
+    """`(document, index, code, backend)` of every Python block to run.
+
+    A block marked `<!-- not executed ... -->` is not run (say why, and where
+    it is tested); one marked `<!-- backend: NAME -->` (the serving guide's
+    exports) runs in that backend's run only: its page says which backend it
+    is for."""
     blocks = []
     for document in DOCUMENTS:
         pattern = r"(<!--[^>]*-->\n)?```python\n(.*?)\n```"
         for index, match in enumerate(re.finditer(pattern, text_of(document), re.S)):
-            if match.group(1) and "not executed" in match.group(1):
+            comment = match.group(1) or ""
+            if "not executed" in comment:
                 continue
-            blocks.append((document, index, match.group(2)))
+            backend = re.search(r"backend: (\w+)", comment)
+            blocks.append((document, index, match.group(2), backend and backend.group(1)))
     return blocks
 
 
@@ -94,13 +102,24 @@ def stated_prints(code):
     return stated
 
 
-@pytest.mark.parametrize("document, index, code", BLOCKS,
-                         ids=[f"{document}-{index}" for document, index, _ in BLOCKS])
-def test_python_block_runs_and_prints_what_it_states(document, index, code):
+@pytest.mark.parametrize("document, index, code, backend", BLOCKS,
+                         ids=[f"{document}-{index}" for document, index, _, _ in BLOCKS])
+def test_python_block_runs_and_prints_what_it_states(document, index, code, backend):
+    if backend and backend != BACKEND:
+        pytest.skip(f"the page's code for the {backend} backend (this run: {BACKEND})")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, f"{document} block {index}", "exec"), {})
     assert printed.getvalue().splitlines() == stated_prints(code)
+
+
+def test_blocks_marked_for_a_backend_name_one():
+    """A typo in `<!-- backend: ... -->` would skip its block on every run."""
+    marked = [(document, backend) for document, _, _, backend in BLOCKS if backend]
+    assert marked
+    assert {backend for _, backend in marked} <= {"tensorflow", "jax", "torch"}, marked
+    serving = {backend for document, backend in marked if document.endswith("serving.md")}
+    assert serving == {"tensorflow", "jax", "torch"}, serving
 
 
 def test_stated_prints_are_read_from_the_comments():
@@ -142,6 +161,11 @@ def test_prose_writes_no_power_markdown_would_bold():
         assert not found, (document, found)
 
 
+# The characters of code a line of the site's text column holds at 1280 px
+# (docs/stylesheets/extra.css), as keras.io's: longer lines would scroll.
+CODE_COLUMNS = 85
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the site is built from the sources "
                     "(mkdocstrings reads them without importing): once, in the TensorFlow run")
 def test_the_site_builds_strictly_and_reads_right(tmp_path):
@@ -180,6 +204,36 @@ def test_the_site_builds_strictly_and_reads_right(tmp_path):
                             and not named.group(1).startswith("*")):
                 untyped.append((page.parent.name, head or item[:80]))
     assert not untyped, untyped
+    import inspect
+
+    from keras_relattn import config, deberta, positions
+
+    for module in (config, deberta, positions):  # their pages list members by name
+        page = (tmp_path / "api" / module.__name__.split(".")[-1] / "index.html").read_text()
+        public = [name for name, value in vars(module).items()
+                  if name in getattr(module, "__all__", [name]) and not name.startswith("_")
+                  and (inspect.isclass(value) or inspect.isfunction(value))
+                  and value.__module__ == module.__name__]
+        assert public, module
+        for name in public:
+            assert f'id="{module.__name__}.{name}"' in page, f"{module.__name__}.{name}"
+    for page in sorted((tmp_path / "api").glob("*/index.html")):
+        text = unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+        private = re.findall(r"(?<![\w.*])_[a-z]\w*", text)  # `_bucket_edges`, ...
+        assert not private, (page.parent.name, private)
+        # `2**23` in a docstring's prose renders "2", then "23..." in bold
+        bold = re.findall(r"\w<strong>", page.read_text())
+        assert not bold, (page.parent.name, bold)
+    wide = []
+    for page in sorted(tmp_path.glob("**/index.html")):
+        for block in re.findall(r'<div class="([^"]*)highlight[^"]*"><pre[^>]*>(.*?)</pre>',
+                                page.read_text(), re.S):
+            if "wrap" in block[0].split():  # wraps its long lines (CSS)
+                continue
+            text = unescape(re.sub(r"<[^>]+>", "", block[1]))
+            wide += [(str(page.relative_to(tmp_path)), line) for line in text.splitlines()
+                     if len(line) > CODE_COLUMNS]
+    assert not wide, wide
     performance = (tmp_path / "performance" / "index.html").read_text()
     assert not re.search(r"\b_(kernels|blockwise|backend)\b", performance)
     for guide in sorted((tmp_path / "guides").glob("*/index.html")):
