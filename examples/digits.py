@@ -1,6 +1,6 @@
 """Relative against absolute positions on real images: scikit-learn's digits.
 
-    python examples/digits.py              # trains both models, writes the figures and numbers
+    python examples/digits.py    # trains both models, writes the figures and numbers
     python examples/digits.py --quick      # a shortened run (the test suite's)
 
 Each of the 1,797 8x8 digits bundled with scikit-learn (no download) is a
@@ -112,7 +112,8 @@ def build(kind):
 
 
 def accuracy(model, images, labels):
-    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(tokens(images), verbose=0)), -1)
+    logits = model.predict(tokens(images), verbose=0)
+    predicted = np.argmax(keras.ops.convert_to_numpy(logits), -1)
     return float(np.mean(predicted == labels))
 
 
@@ -120,13 +121,14 @@ def shifted_accuracy(model, images, labels, shift):
     if shift == 0:
         return accuracy(model, images, labels)
     moves = [(0, shift), (0, -shift), (shift, 0), (-shift, 0)]
-    return float(np.mean([accuracy(model, translate(images, dy, dx), labels) for dy, dx in moves]))
+    return float(np.mean([accuracy(model, translate(images, dy, dx), labels)
+                          for dy, dx in moves]))
 
 
 def run(epochs, n_train, seed):
     (x_train, y_train), (x_test, y_test) = load(seed, n_train)
-    results = {"epochs": epochs, "train_images": len(x_train), "test_images": len(x_test),
-               "seed": seed, "backend": keras.backend.backend(), "models": {}}
+    results = {"epochs": epochs, "train_images": len(x_train),
+               "test_images": len(x_test), "seed": seed, "backend": keras.backend.backend(), "models": {}}
     models = {}
     for kind in ("relative", "absolute"):
         keras.utils.set_random_seed(seed)
@@ -134,13 +136,15 @@ def run(epochs, n_train, seed):
         model.compile(keras.optimizers.Adam(3e-3),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         start = time.perf_counter()
-        history = model.fit(tokens(x_train), y_train, batch_size=64, epochs=epochs, verbose=0)
+        history = model.fit(tokens(x_train), y_train, batch_size=64, epochs=epochs,
+                            verbose=0)
         seconds = time.perf_counter() - start
         results["models"][kind] = {
             "parameters": int(model.count_params()),
             "train_seconds": round(seconds, 1),
             "loss": [round(float(loss), 4) for loss in history.history["loss"]],
-            "accuracy": {str(s): shifted_accuracy(model, x_test, y_test, s) for s in SHIFTS},
+            "accuracy": {str(s): shifted_accuracy(model, x_test, y_test, s)
+                         for s in SHIFTS},
         }
         models[kind] = model
     return results, models, (x_test, y_test)
@@ -197,13 +201,14 @@ def plot(results, models, test, out):
 
 def table(results):
     lines = [
-        "| model | parameters | train s | test accuracy | translated 1 px | translated 2 px |",
+        "| model | parameters | train s | test accuracy | translated 1 px "
+        "| translated 2 px |",
         "|---|---|---|---|---|---|",
     ]
     for kind, r in results["models"].items():
         acc = r["accuracy"]
-        lines.append(f"| {kind} | {r['parameters']} | {r['train_seconds']} | {acc['0']:.3f} | "
-                     f"{acc['1']:.3f} | {acc['2']:.3f} |")
+        lines.append(f"| {kind} | {r['parameters']} | {r['train_seconds']} | "
+                     f"{acc['0']:.3f} | {acc['1']:.3f} | {acc['2']:.3f} |")
     return "\n".join(lines)
 
 
@@ -225,7 +230,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "examples"))
-    p.add_argument("--quick", action="store_true", help="4 epochs on 300 images, no table")
+    p.add_argument("--quick", action="store_true",
+                   help="4 epochs on 300 images, no table")
     args = p.parse_args(argv)
     epochs, n_train = (4, 300) if args.quick else (args.epochs, None)
     os.makedirs(args.out, exist_ok=True)
