@@ -128,7 +128,8 @@ def shifted_accuracy(model, images, labels, shift):
 def run(epochs, n_train, seed):
     (x_train, y_train), (x_test, y_test) = load(seed, n_train)
     results = {"epochs": epochs, "train_images": len(x_train),
-               "test_images": len(x_test), "seed": seed, "backend": keras.backend.backend(), "models": {}}
+               "test_images": len(x_test), "seed": seed,
+               "backend": keras.backend.backend(), "models": {}}
     models = {}
     for kind in ("relative", "absolute"):
         keras.utils.set_random_seed(seed)
