@@ -172,18 +172,28 @@ class DebertaV3Encoder(keras.layers.Layer):
         return config
 
 
-def backbone(**encoder_arguments):
+def backbone(vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
+             bucket_size=256, max_position=512, dropout=0.1, attention_dropout=0.1,
+             layer_norm_epsilon=1e-7, padding="transformers"):
     """A `keras.Model` with KerasHub's inputs `{"token_ids", "padding_mask"}`
     and the last hidden state as output, around a `DebertaV3Encoder` (named
-    `encoder`) built from `encoder_arguments`.
+    `encoder`) built from these arguments.
 
     Args:
-        **encoder_arguments (dict): `DebertaV3Encoder`'s arguments, by name,
-            with its types and defaults: `vocabulary_size`, `num_layers`,
-            `num_heads`, `hidden_dim`, `intermediate_dim` (each an `int`,
-            required), `bucket_size=256`, `max_position=512`, `dropout=0.1`,
-            `attention_dropout=0.1`, `layer_norm_epsilon=1e-7`,
-            `padding="transformers"`.
+        vocabulary_size (int): rows of the token embedding.
+        num_layers (int): encoder layers.
+        num_heads (int): attention heads.
+        hidden_dim (int): width of the hidden states.
+        intermediate_dim (int): width of the feed-forward layers.
+        bucket_size (int): DeBERTa's `position_buckets` (the relative table
+            has `2 * bucket_size` rows).
+        max_position (int): DeBERTa's `max_relative_positions`.
+        dropout (float): `hidden_dropout_prob`: embeddings, residual branches
+            and the relative table.
+        attention_dropout (float): `attention_probs_dropout_prob`.
+        layer_norm_epsilon (float): every layer norm's epsilon.
+        padding (str): `"transformers"` (as `DebertaV2Model`) or
+            `"keras_hub"` (as `DebertaV3Backbone`); see `DebertaV3Encoder`.
 
     Returns:
         keras.Model: inputs `{"token_ids", "padding_mask"}`, each int
@@ -204,7 +214,11 @@ def backbone(**encoder_arguments):
     """
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-    encoder = DebertaV3Encoder(name="encoder", **encoder_arguments)
+    encoder = DebertaV3Encoder(
+        vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
+        bucket_size=bucket_size, max_position=max_position, dropout=dropout,
+        attention_dropout=attention_dropout, layer_norm_epsilon=layer_norm_epsilon,
+        padding=padding, name="encoder")
     outputs = encoder(token_ids, padding_mask)
     return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, outputs)
 
