@@ -582,3 +582,35 @@ def test_only_degenerate_pairs_leave_offsets_to_the_float_formula():
         np.testing.assert_array_equal(
             exact_region(*pair), np.abs(OFFSETS) < (np.inf if complete else edges[-1]),
             err_msg=str(pair))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's graph loop over the blocks")
+def test_tensorflow_graph_loops_run_one_block_at_a_time(rng):
+    """In a `tf.function` without XLA (what `fit` runs on a CPU-only
+    machine) the block loops, forward and gradient, must run one iteration
+    at a time: the executor's default, 10 at once, each holding a block's
+    intermediates, took 2.4 GiB at 8192 tokens where one at a time takes
+    0.4 (benchmarks/issue37_band.txt)."""
+    import tensorflow as tf
+
+    layer = RelativeAttention(8, 2, position_embedding=rng.normal(size=(9, 8)).astype("float32"),
+                              sequence_positions=True)
+    x = tf.constant(rng.normal(size=(1, 12, 8)).astype("float32"))
+
+    @tf.function(autograph=False)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, x, x, return_logits=False))
+        return tape.gradient(loss, x)
+
+    with config.block_settings(block_elements=1 * 2 * 3 * 12, recompute_elements=0) as log:
+        graph = step.get_concrete_function(x).graph
+    assert log.plans[0].n_blocks == 4 and log.plans[0].recomputed
+    graph_def = graph.as_graph_def()
+    nodes = list(graph_def.node) + [node for function in graph_def.library.function
+                                    for node in function.node_def]
+    loops = [node.attr["parallel_iterations"].i for node in nodes
+             if node.op in ("While", "StatelessWhile")]
+    assert len(loops) >= 2, loops  # the forward's loop and the gradient's
+    assert set(loops) == {1}, loops

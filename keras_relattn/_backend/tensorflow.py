@@ -158,6 +158,10 @@ class _BlockLoop:
         return tf.while_loop(
             lambda i, _: i < self.n_equal, body, (tf.constant(0), state),
             maximum_iterations=self.n_equal,
+            # One block at a time: a graph's executor (tf.function without
+            # XLA, what `fit` runs on a CPU-only machine) otherwise runs up
+            # to 10 iterations at once, each holding a block's intermediates.
+            parallel_iterations=1,
         )[1]
 
     def each_block(self, step, state):
