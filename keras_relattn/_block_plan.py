@@ -45,8 +45,10 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
     tensors = dict(values=values)
     if c2c:
         tensors.update(c2c_q=q, c2c_k=k)
-    banded = banded and position is not None and position[2] is None and base is None \
-        and dropout is None
+    banded = banded and position is not None and position[2] is None and base is None
+    # The far keys on the backend's fused kernel, which drops no weight:
+    # with dropout, the band's blocks build their logits and drop them.
+    fused_band = banded and dropout is None and _backend.get().fuses_band()
     if head_bias is not None:
         if c2c and not banded:  # in the c2c matmul: one pass less
             tensors.update(c2c_q=ops.concatenate([q, ops.zeros_like(q[..., :1]) + head_bias[:, None]],
@@ -60,7 +62,7 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
         n_positions = _checks.shape_of(table)[0]
     n_keys = _checks.shape_of(k)[1]
     rows = band_rows(n_positions, n_keys) if banded else None
-    blocks = query_blocks(q, k, rows)
+    blocks = query_blocks(q, k, rows, fused_band)
     band = _band(n_positions, n_keys, q, blocks, buckets) if banded else None
     terms, constants = None, {}
     if position is not None:  # the table scores: once for every block, or each band's own
@@ -70,7 +72,7 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
             per_block=band is not None)
         if band is not None:
             tensors["edges"] = _edges(band, q, k, pos_q, pos_k)
-    recompute = _recompute(q, k, blocks, band)
+    recompute = _recompute(q, k, blocks, band if fused_band else None)
     rate, layer_dropout = 0.0, None
     if dropout is not None and len(blocks) > 1:  # one draw per call, each block's mask of it
         rate, constants["seed"] = dropout.rate, draw_seed(dropout.seed_generator)
@@ -80,7 +82,7 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
                                     None if band is None else band.width))
     step = BlockStep(c2c=c2c, positions=terms, n_extra=len(extra),
                      masked=attend_mask is not None, keys_only_mask=keys_only,
-                     dropout_rate=rate, band=band)
+                     dropout_rate=rate, band=band, fused_band=band is not None and fused_band)
     return _blocks.pooled(step, BlockTensors(**tensors, extra=tuple(extra)),
                           BlockConstants(attend=attend_mask, **constants), blocks, recompute,
                           layer_dropout)
@@ -102,17 +104,19 @@ def _static_sizes(q, k):
     return None if None in sizes else sizes
 
 
-def query_blocks(q, k, max_rows=None):
+def query_blocks(q, k, max_rows=None, fused_band=False):
     """Slices of the queries to pool one after the other: one (all queries)
     unless the sizes are known and a whole `(batch, heads, queries, keys)`
-    tensor would pass `block_elements()`, or the queries pass `max_rows`."""
+    tensor would pass `block_elements()`, or the queries pass `max_rows`
+    (the banded path; `fused_band`: its far keys on the backend's fused
+    kernel, with no `(rows, keys)` tensor to bound)."""
     sizes = _static_sizes(q, k)
     if sizes is None:
         return [slice(None)]
     batch, n_queries, heads, n_keys = sizes
     rows = max(1, block_elements() // max(1, batch * heads * n_keys))
-    if max_rows is not None:  # the banded path: fused, no (rows, keys) tensor to bound
-        rows = max_rows if _backend.get().fuses_band() else min(rows, max_rows)
+    if max_rows is not None:  # the banded path
+        rows = max_rows if fused_band else min(rows, max_rows)
     if rows >= n_queries:
         return [slice(None)]
     return [slice(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
@@ -130,18 +134,19 @@ def recomputes(q, k):
     return batch * heads * n_queries * n_keys > config.get_block_settings().recompute_elements
 
 
-def _recompute(q, k, blocks, band):
-    """`recomputes`, for blocks of a fused band: they keep no `(rows, keys)`
+def _recompute(q, k, blocks, fused_band):
+    """`recomputes`; `fused_band`: the `Band` of blocks whose far keys run on
+    the backend's fused kernel (else None). Those keep no `(rows, keys)`
     tensor for the backward pass, only their band's `(rows, band width)`
     and a few of that size, so they are recomputed only where those pass
     four times the bound (DeBERTa's 1000-key band at 8192 tokens does; a
     64-row table's at 16384 does not)."""
     if len(blocks) == 1 or not recomputes(q, k):
         return False
-    if band is None or not _backend.get().fuses_band():
+    if fused_band is None:
         return True
     batch, n_queries, heads = _checks.shape_of(q)[:3]
-    kept = batch * heads * n_queries * band.width
+    kept = batch * heads * n_queries * fused_band.width
     return kept > 4 * config.get_block_settings().recompute_elements
 
 

@@ -12,7 +12,8 @@ coordinates: the same mask wherever the block runs.
 
 Every block ends in the one attention step, `_logits.attend` (masked
 float32 softmax, dropout, pooling), but one: the banded block that the
-backend attends on its fused kernel (`attend_in_parts`, torch).
+backend attends on its fused kernel (`attend_in_parts`, torch; never with
+dropout).
 """
 
 import dataclasses
@@ -57,6 +58,10 @@ class BlockStep:
     dropout_rate: float  # drawn from `BlockConstants.seed` where not 0
     band: Optional[Band] = None  # the banded path: `BlockTensors.edges`
     keys_only_mask: bool = True  # the mask is the same for every query and head
+    # The band's far keys on the backend's fused kernel (`attend_band`,
+    # `attend_in_parts`): planned only where no weight is dropped, as the
+    # kernels drop none; with dropout, the band's blocks build their logits.
+    fused_band: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,7 @@ class BlockConstants(Record):
 def run_block(step, rows, tensors, constants, dropout=None, in_place=False):
     """One block of queries (`rows`): its logits, then the attention step
     (`_logits.attend`): `(batch, rows, heads, dv)`."""
-    if step.band is not None:  # (a band is planned only without dropout)
+    if step.fused_band:  # (planned only without dropout)
         in_parts = band_in_parts(step, rows, tensors, constants)
         if in_parts is not None:
             return in_parts
@@ -276,7 +281,7 @@ def pooled(step, tensors, constants, blocks, recompute, dropout=None):
     - else block by block, each kept for the backward pass.
     """
     backend = _backend.get()
-    if step.band is not None:
+    if step.fused_band:
         whole = band_whole(step, tensors, constants)
         if whole is not None:
             return whole

@@ -187,8 +187,9 @@ def test_banded_path_compiled_and_recomputed(rng):
 
 
 def test_what_the_band_cannot_take_runs_the_per_token_path(rng):
-    """`no_position_mask`, `base_attn` and dropout in training take today's
-    per-token path (no band), with the same numbers as the full path."""
+    """`no_position_mask` and `base_attn` take the per-token path (no band),
+    with the same numbers as the full path; dropout in training keeps the
+    band."""
     layer = banded_layer(rng, 8, dropout_p=0.0)
     n = 23
     x = rng.normal(size=(2, n, 12)).astype("float32")
@@ -203,7 +204,53 @@ def test_what_the_band_cannot_take_runs_the_per_token_path(rng):
     with small_band_blocks(n) as log:
         dropping(x, x, x, training=True, return_logits=False)
         dropping(x, x, x, training=False, return_logits=False)
-    assert [plan.band_width is None for plan in log.plans] == [True, False]
+    assert all(plan.band_width for plan in log.plans)
+
+
+def seed_states(layer):
+    generators = [g for g in layer._flatten_layers() if hasattr(g, "seed_generator")]
+    return generators, [to_numpy(g.seed_generator.state) for g in generators]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_banded_dropout_equals_the_per_token_paths(compiled, rng):
+    """Dropout in training on the banded path: from the same seed state, the
+    per-token path's output and gradients (each weight's mask a function of
+    the call's seed and its (batch, head, query, key), whatever the blocks).
+    The per-token path is reached through an all-False `no_position_mask`,
+    which changes no logit. Recomputed blocks: the mask drawn again in the
+    backward pass is the forward's."""
+    layer = banded_layer(rng, 8, dropout_p=0.4, seed=3)
+    n = 23
+    x = rng.normal(size=(2, n, 12)).astype("float32")
+    probe = rng.normal(size=(2, n, 12)).astype("float32")
+    inputs = dict(content_queries=x, content_keys=x, content_values=x,
+                  mask=masks(rng, "2d", 2, n), training=True, return_logits=False)
+    loss = lambda out: keras.ops.sum(out * keras.ops.convert_to_tensor(probe))  # noqa: E731
+    generators, states = seed_states(layer)
+    results = []
+    # Blocks of 3 queries on the band, of 5 on the per-token path: the masks
+    # must agree where the blocks do not.
+    for extra, rows in (({}, 3), (dict(no_position_mask=np.zeros((1, n, n), bool)), 5)):
+        for g, state in zip(generators, states):
+            g.seed_generator.state.assign(state)
+        with config.block_settings(block_elements=2 * 2 * n * rows, band_rows=rows,
+                                   recompute_elements=0) as log:
+            results.append(input_and_weight_gradients(
+                layer, loss, dict(inputs, **extra), ["content_queries"], compiled=compiled))
+        assert [bool(plan.band_width) for plan in log.plans] == [not extra]
+        assert all(plan.recomputed and plan.n_blocks > 1 for plan in log.plans)
+    (banded, banded_weights), (per_token, per_token_weights) = results
+    np.testing.assert_allclose(banded["content_queries"], per_token["content_queries"],
+                               atol=2e-5, rtol=0)
+    for a, b in zip(banded_weights, per_token_weights):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    for g, state in zip(generators, states):
+        g.seed_generator.state.assign(state)
+    with small_band_blocks(n):
+        dropped = to_numpy(layer(**inputs))
+    kept = to_numpy(layer(**dict(inputs, training=False)))
+    assert np.abs(dropped - kept).max() > 0.1  # dropout is active
 
 
 @pytest.mark.parametrize("ctor, error, match", [
