@@ -64,6 +64,7 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
     rows = band_rows(n_positions, n_keys) if banded else None
     blocks = query_blocks(q, k, rows, fused_band)
     band = _band(n_positions, n_keys, q, blocks, buckets) if banded else None
+    fused_band = fused_band and band is not None
     terms, constants = None, {}
     if position is not None:  # the table scores: once for every block, or each band's own
         (pos_q, pos_k), offsets, no_position_mask = position
@@ -82,7 +83,7 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
                                     None if band is None else band.width))
     step = BlockStep(c2c=c2c, positions=terms, n_extra=len(extra),
                      masked=attend_mask is not None, keys_only_mask=keys_only,
-                     dropout_rate=rate, band=band, fused_band=band is not None and fused_band)
+                     dropout_rate=rate, band=band, fused_band=fused_band)
     return _blocks.pooled(step, BlockTensors(**tensors, extra=tuple(extra)),
                           BlockConstants(attend=attend_mask, **constants), blocks, recompute,
                           layer_dropout)
