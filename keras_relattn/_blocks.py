@@ -99,8 +99,10 @@ class BlockConstants(Record):
 def run_block(step, rows, tensors, constants, dropout=None, in_place=False):
     """One block of queries (`rows`): its logits, then the attention step
     (`_logits.attend`): `(batch, rows, heads, dv)`."""
-    if step.fused_band:  # (planned only without dropout)
-        in_parts = band_in_parts(step, rows, tensors, constants)
+    if dropout is None and step.dropout_rate:
+        dropout = seeded_dropout(constants.seed, first_row(rows), step.dropout_rate)
+    if step.band is not None:
+        in_parts = band_in_parts(step, rows, tensors, constants, dropout)
         if in_parts is not None:
             return in_parts
     logits = None
@@ -117,8 +119,6 @@ def run_block(step, rows, tensors, constants, dropout=None, in_place=False):
     else:
         logits = add_all(([] if logits is None else [logits]) + extra)
     attend_mask = take_rows(constants.attend, 2, rows) if step.masked else None
-    if dropout is None and step.dropout_rate:
-        dropout = seeded_dropout(constants.seed, first_row(rows), step.dropout_rate)
     return attend(logits, tensors.values, attend_mask, dropout, in_place)
 
 
@@ -165,28 +165,41 @@ def banded_positions(step, rows, tensors, constants):
     return _backend.get().place_keys(outside, ops.cast(inside, outside.dtype), start)
 
 
-def band_in_parts(step, rows, tensors, constants):
+def band_in_parts(step, rows, tensors, constants, dropout=None):
     """A block of the banded path in three parts of keys: the far keys
     (before the band, after it), whose logits are a plain dot product of
     the queries plus an edge row of the position queries, shifted by each
     query's score against an edge row of the position keys (and the head
     bias); and the band, whose position logits are gathered. On the
-    backend's fused kernel where it has one (`attend_in_parts`), else the
-    parts' logits joined and the one attention step. None where that does
-    not apply: a backend that builds the logits whole, a traced block, no
-    c2c term, or a mask that is not one of keys."""
-    if (not step.c2c or isinstance(rows, BlockRows) or not step.keys_only_mask
+    backend's fused kernel where it has one and the step plans it
+    (`attend_in_parts`, `step.fused_band`: no dropout), else the parts'
+    logits joined and the one attention step (`dropout`: a function of the
+    weights, or None). None where that does not apply: a backend that
+    builds the logits whole, no c2c term, or a mask that is not one of
+    keys.
+
+    A loop's block (`BlockRows`, its first row traced: TensorFlow's graphs)
+    reads a band of `band.width` keys from a traced key, and far keys of
+    traced sizes. Joined, the far keys cost a matmul and a broadcast add
+    over their logits, where the whole-row form (`banded_positions`)
+    selects each logit's edge row, twice: 1.7x less for a banded training
+    step on eager TensorFlow (benchmarks/issue37_band.txt)."""
+    if (not step.c2c or not step.keys_only_mask
             or not _backend.get().attends_in_parts()):
         return None
     terms, band, edges = step.positions, step.band, tensors.edges
     n_keys = terms.n_keys
     first = first_row(rows)
-    last = terms.n_queries if rows.stop is None else rows.stop
-    start = min(max(first + band.below + 1, 0), n_keys)
-    stop = min(max(last - 1 + band.above, start), n_keys)
+    if isinstance(rows, BlockRows):  # the band's keys: as `banded_positions` reads them
+        start = ops.clip(first + (band.below + 1), 0, n_keys - band.width)
+        stop, band_keys = start + band.width, BlockRows(start, band.width)
+    else:
+        last = terms.n_queries if rows.stop is None else rows.stop
+        start = min(max(first + band.below + 1, 0), n_keys)
+        stop = min(max(last - 1 + band.above, start), n_keys)
+        band_keys = slice(start, stop)
     q, k = take_rows(tensors.c2c_q, 1, rows), tensors.c2c_k
-    band_positions = terms.logits(tensors.positions, constants.positions, rows,
-                                  keys=slice(start, stop))
+    band_positions = terms.logits(tensors.positions, constants.positions, rows, keys=band_keys)
     bias = 0.0
     if step.n_extra:  # the head bias, (heads, 1, 1)
         band_positions = band_positions + tensors.extra[0]
@@ -200,13 +213,14 @@ def band_in_parts(step, rows, tensors, constants):
     key_mask = None
     if constants.attend is not None:
         key_mask = ops.broadcast_to(constants.attend, (ops.shape(q)[0], 1, 1, n_keys))[:, 0, 0]
-    fused = _backend.get().attend_in_parts(queries, shifts, k, tensors.values, q,
-                                           band_positions, (start, stop), key_mask)
-    if fused is not None:
-        return fused
+    if step.fused_band and isinstance(start, int):  # (planned only without dropout)
+        fused = _backend.get().attend_in_parts(queries, shifts, k, tensors.values, q,
+                                               band_positions, (start, stop), key_mask)
+        if fused is not None:
+            return fused
     logits = _logits_in_parts(queries, shifts, k, q, band_positions, (start, stop))
     return attend(logits, tensors.values,
-                  None if key_mask is None else key_mask[:, None, None, :])
+                  None if key_mask is None else key_mask[:, None, None, :], dropout)
 
 
 def band_whole(step, tensors, constants):
@@ -257,16 +271,21 @@ def _cross_lengths(q, k):
 
 def _logits_in_parts(queries, shifts, keys, band_queries, band_positions, band_keys):
     """A banded block's logits `(batch, heads, rows, keys)`, joined from its
-    three parts (see `band_in_parts`)."""
+    three parts (see `band_in_parts`); `band_keys`: Python ints, or traced
+    (every part kept, the far ones maybe empty)."""
     start, stop = band_keys
     n_keys = keys.shape[1]
+    traced = not isinstance(start, int)
     parts = [ops.einsum("bqhd,bkhd->bhqk", q, keys[:, first:last]) + added
              for q, added, first, last in (
                  (queries[0], ops.expand_dims(shifts[0], -1), 0, start),
                  (band_queries, band_positions, start, stop),
                  (queries[1], ops.expand_dims(shifts[1], -1), stop, n_keys),
-             ) if last > first]
-    return parts[0] if len(parts) == 1 else ops.concatenate(parts, -1)
+             ) if traced or last > first]
+    logits = parts[0] if len(parts) == 1 else ops.concatenate(parts, -1)
+    if traced:  # parts of traced sizes: the keys' count is known
+        logits = ops.reshape(logits, tuple(ops.shape(logits)[:3]) + (n_keys,))
+    return logits
 
 
 def pooled(step, tensors, constants, blocks, recompute, dropout=None):

@@ -160,10 +160,12 @@ def test_banded_path_equals_edspdf_outputs_and_gradients(seed):
         assert_gradients_close(grad, theirs_parameters[name], name)
 
 
-def test_banded_path_compiled_and_recomputed(rng):
-    """Under jax.jit, XLA or torch.compile (aot_eager), in blocks recomputed
-    in the backward pass (the loop whose first row is traced): the full
-    path's gradients."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_banded_path_compiled_and_recomputed(compiled, rng):
+    """In blocks recomputed in the backward pass, eagerly and under jax.jit,
+    XLA or torch.compile (aot_eager): the full path's gradients. Eager
+    TensorFlow runs the blocks as a traced loop whose first row is traced
+    (built in parts of keys of traced sizes); XLA's loop builds them whole."""
     layer = banded_layer(rng, 8)
     n = 23
     x = rng.normal(size=(2, n, 12)).astype("float32")
@@ -179,7 +181,7 @@ def test_banded_path_compiled_and_recomputed(rng):
     with config.block_settings(block_elements=2 * 2 * n * 3, recompute_elements=0,
                                band_rows=3) as log:
         got = input_and_weight_gradients(layer, loss, dict(inputs, return_logits=False),
-                                         ["content_queries"], compiled=True)
+                                         ["content_queries"], compiled=compiled)
     assert log.plans[0].recomputed and log.plans[0].band_width
     np.testing.assert_allclose(got[0]["content_queries"], want[0]["content_queries"], atol=2e-5)
     for a, b in zip(got[1], want[1]):

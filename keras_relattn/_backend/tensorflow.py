@@ -3,6 +3,7 @@ the recomputed blocks as one `tf.custom_gradient` (a `tf.while_loop` in a
 graph)."""
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from keras_relattn._backend import generic
 from keras_relattn._records import flatten, rebuild
@@ -14,7 +15,6 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     add_in_place,
     attend_band,
     attend_in_parts,
-    attends_in_parts,
     fuses_band,
     add_matmul_in_place,
     checkpoint,
@@ -33,9 +33,24 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
 # `(batch, queries, keys, heads)` best.
 SCORE_LAYOUT = "head_major"
 LOGITS_LAYOUT = "bqkh"
-# The banded path in parts (`attend_in_parts`): each op a kernel call
+# The banded path in parts (`attends_in_parts`): each op a kernel call
 # eagerly, so tall blocks, few of them.
 BAND_ROWS = 512
+
+
+def _in_xla():
+    """Whether the ops being traced are compiled by XLA (`jit_compile`)."""
+    return (not tf.executing_eagerly()
+            and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def attends_in_parts():
+    """Eagerly and in a graph, where TensorFlow runs one kernel an op (a
+    loop's block slicing the keys at its traced first row): the far keys'
+    plain matmul beats selecting each logit's edge row (1.7x for a banded
+    training step). XLA fuses the selects, and wants static sizes: there
+    the logits are built whole."""
+    return not _in_xla()
 
 
 def take_columns(table, columns, heads_last=True):
