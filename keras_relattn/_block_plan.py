@@ -45,7 +45,8 @@ def pool(q, k, values, position=None, base=None, head_bias=None, attend_mask=Non
     tensors = dict(values=values)
     if c2c:
         tensors.update(c2c_q=q, c2c_k=k)
-    banded = banded and position is not None and position[2] is None and base is None
+    banded = (banded and position is not None and position[2] is None and base is None
+              and takes_band(_checks.shape_of(k)[1]))
     # The far keys on the backend's fused kernel, which drops no weight:
     # with dropout, the band's blocks build their logits and drop them.
     fused_band = banded and dropout is None and _backend.get().fuses_band()
@@ -149,6 +150,18 @@ def _recompute(q, k, blocks, fused_band):
     batch, n_queries, heads = _checks.shape_of(q)[:3]
     kept = batch * heads * n_queries * fused_band.width
     return kept > 4 * config.get_block_settings().recompute_elements
+
+
+def takes_band(n_keys):
+    """Whether `n_keys` keys (None: not known) are enough for the banded
+    path: `BlockSettings.band_min_keys`, else the backend's measured
+    `band_min_keys()`. Below it the per-token path computes the same
+    numbers faster: the band's fixed cost outweighs what it saves when it
+    covers most of the keys."""
+    chosen = config.get_block_settings().band_min_keys
+    if chosen is None:
+        chosen = _backend.get().band_min_keys()
+    return n_keys is None or n_keys >= chosen
 
 
 def band_rows(n_positions, n_keys=None):

@@ -49,12 +49,17 @@ class BlockSettings:
         band_rows: queries per block on the banded path (`sequence_positions`),
             or None for the backend's default (at least the table's size):
             its band of keys is about `band_rows + n_positions` wide.
+        band_min_keys: the banded path from this many keys on, the
+            per-token path (the same numbers) below; None for the
+            backend's measured default (`benchmarks/band_crossover.py`),
+            1 for the band wherever it fits.
     """
 
     block_elements: Optional[int] = None
     recompute_elements: int = 2**23
     flat_index_limit: int = 2**31
     band_rows: Optional[int] = None
+    band_min_keys: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ def get_block_settings():
 
 @contextlib.contextmanager
 def block_settings(block_elements=None, recompute_elements=None, flat_index_limit=None,
-                   band_rows=None):
+                   band_rows=None, band_min_keys=None):
     """Use other block settings inside a `with` block (the others keep theirs).
 
     Args:
@@ -112,6 +117,7 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
             every split input.
         flat_index_limit (int | None): see `BlockSettings`.
         band_rows (int | None): see `BlockSettings`.
+        band_min_keys (int | None): see `BlockSettings`.
 
     Yields:
         BlockLog: the log whose `plans` list each pooled call made inside.
@@ -131,7 +137,8 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
     for name, value, low in (("block_elements", block_elements, 1),
                              ("recompute_elements", recompute_elements, 0),
                              ("flat_index_limit", flat_index_limit, 1),
-                             ("band_rows", band_rows, 1)):
+                             ("band_rows", band_rows, 1),
+                             ("band_min_keys", band_min_keys, 1)):
         if value is not None:
             value = (_arguments.positive_int(name, value) if low
                      else _arguments.non_negative_int(name, value))
@@ -143,7 +150,8 @@ def block_settings(block_elements=None, recompute_elements=None, flat_index_limi
         yield log
     finally:
         _settings.pop()
-        _logs.remove(log)
+        # By identity: two logs with equal plans are equal dataclasses.
+        _logs[:] = [other for other in _logs if other is not log]
 
 
 def _record(plan):

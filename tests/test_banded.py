@@ -188,6 +188,31 @@ def test_banded_path_compiled_and_recomputed(compiled, rng):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.default_band_rule
+def test_short_inputs_take_the_path_measured_faster(rng):
+    """`band_min_keys`: the band from that many keys on, the per-token path
+    (the same numbers) below. By default, measured per backend: on eager
+    torch short inputs take the per-token path (below 512 keys); TensorFlow
+    and JAX take the band wherever it fits."""
+    layer = banded_layer(rng, 8)
+    n = 23
+    x = rng.normal(size=(2, n, 12)).astype("float32")
+    outputs, plans = {}, {}
+    for setting in (None, n, n + 1):
+        with config.block_settings(block_elements=2 * 2 * n * 3, band_rows=3,
+                                   band_min_keys=setting) as log:
+            outputs[setting] = to_numpy(layer(x, x, x, return_logits=False))
+        plans[setting] = log.plans[0].band_width
+    assert plans[n] and plans[n + 1] is None
+    assert bool(plans[None]) == (BACKEND != "torch")
+    np.testing.assert_allclose(outputs[n], outputs[n + 1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(outputs[None], outputs[n], atol=ATOL, rtol=0)
+    z = np.zeros((1, 512, 12), "float32")
+    with config.block_settings(band_rows=64) as log:  # the default, at 512 keys: the band
+        layer(z, z, z, return_logits=False)
+    assert log.plans[0].band_width
+
+
 def test_what_the_band_cannot_take_runs_the_per_token_path(rng):
     """`no_position_mask` and `base_attn` take the per-token path (no band),
     with the same numbers as the full path; dropout in training keeps the

@@ -32,7 +32,8 @@ table rows, `d` head size; "record": a frozen dataclass of tensors,
   `recomputed_blocks(fn, blocks, tensors, constants, key) -> (b, q, h, dv)
   or None`; every block of a call as one traced function, `traced(fn,
   tensors, constants, key) -> (b, q, h, dv) or None`;
-- the banded path's blocks: `fuses_band()`, `attends_in_parts()`,
+- the banded path's blocks: `band_min_keys() -> int` (the keys from which
+  the band pays, measured), `fuses_band()`, `attends_in_parts()`,
   `attend_in_parts(queries (left, right) (b, q, h, d), constants (left,
   right) (b, h, q), keys (b, k, h, d), values (b, k, h, dv), band_queries
   (b, q, h, d), band_positions (b, h, q, band), band_keys (start, stop),

@@ -202,6 +202,13 @@ def place_keys(outside, inside, start):
     return ops.slice_update(outside, (0,) * (len(outside.shape) - 1) + (start,), inside)
 
 
+def band_min_keys():
+    """The keys from which the banded path is taken in the current context
+    (eager, traced, compiled): below, the per-token path is faster
+    (`benchmarks/band_crossover.py`). Here: always the band."""
+    return 1
+
+
 def fuses_band():
     """Whether the banded path's far keys run on a fused kernel
     (`attend_in_parts`), which holds no `(rows, keys)` tensor, forward or

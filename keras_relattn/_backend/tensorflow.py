@@ -15,6 +15,7 @@ from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     add_in_place,
     attend_band,
     attend_in_parts,
+    band_min_keys,
     fuses_band,
     add_matmul_in_place,
     checkpoint,

@@ -31,6 +31,18 @@ GATHERS_ALONG_ROWS = True
 BAND_ROWS = 256
 
 
+# Eagerly, the band's fixed cost (its window made by blocks, the two far
+# calls, the merge) passes what it saves below 512 keys: banded / per-token
+# at 128, 256, 384, 512, 768, 1024 keys, forward 1.75, 1.57, 1.36, 0.83,
+# 0.53, 0.64; forward + backward 1.93, 1.64, 1.32, 1.12, 0.81, 0.62
+# (benchmarks/band_crossover.txt). Compiled: the band throughout.
+BAND_MIN_KEYS = 512
+
+
+def band_min_keys():
+    return 1 if _compiling() else BAND_MIN_KEYS
+
+
 def fuses_band():
     return not _compiling()
 
