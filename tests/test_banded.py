@@ -13,7 +13,6 @@ import itertools
 import keras
 import numpy as np
 import pytest
-import torch
 
 from helpers import (
     BACKEND,

@@ -285,7 +285,7 @@ def test_torch_attend_in_parts_equals_whole_logits(d, dv, strided, rng):
     row-major for the kernel."""
     import torch
 
-    from keras_relattn._backend import torch as torch_backend
+    from keras_relattn._backend import torch_fused as torch_backend
 
     inputs = torch_parts_inputs(rng, d, dv, strided)
     floats = [t for t in (*inputs[0], *inputs[1], *inputs[2:6])]
@@ -310,7 +310,7 @@ def test_torch_far_kernel_is_chosen_by_device():
     log-sum-exp) on CUDA, the public fallback anywhere else."""
     import torch
 
-    from keras_relattn._backend import torch as torch_backend
+    from keras_relattn._backend import torch_fused as torch_backend
 
     assert torch_backend.far_kernel(torch.device("cpu")).name == "cpu_flash"
     assert torch_backend.far_kernel("cuda").name == "cuda_efficient"
@@ -325,7 +325,7 @@ def test_torch_cuda_kernel_shapes_on_the_meta_device():
     cut from its padded rows, and padded back for the backward."""
     import torch
 
-    from keras_relattn._backend import torch as torch_backend
+    from keras_relattn._backend import torch_fused as torch_backend
 
     kernel = torch_backend.far_kernel("cuda")
     q = torch.empty(2, 3, 33, 8, device="meta")
@@ -347,7 +347,7 @@ def test_torch_public_kernel_equals_the_cpu_op(masked, rng):
     log-sum-exp (as `attend_in_parts` calls it)."""
     import torch
 
-    from keras_relattn._backend import torch as torch_backend
+    from keras_relattn._backend import torch_fused as torch_backend
 
     cpu, public = torch_backend.far_kernel("cpu"), torch_backend.far_kernel("meta")
 
@@ -411,7 +411,7 @@ def test_torch_attend_band_equals_whole_logits(n, window, d, dv, masked, rng):
     output and the gradient of every input, narrow and wide windows, a
     window touching the diagonal, a batch row that attends to nothing."""
     import torch
-    from keras_relattn._backend import torch as torch_backend
+    from keras_relattn._backend import torch_fused as torch_backend
 
     batch, heads = 2, 3
     w = window[1] - window[0] - 1

@@ -39,16 +39,16 @@ FILE_READERS = {"_hf_checkpoint": {"torch"}}
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_the_backend_modules_import_a_backend_or_name_one(module):
-    """`_backend.<name>` alone imports its backend; nothing else compares
-    `keras.backend.backend()` (a file reader may import the package that
-    reads its files)."""
+    """`_backend.<name>` (and its own `_backend.<name>_<part>`) alone imports
+    its backend; nothing else compares `keras.backend.backend()` (a file
+    reader may import the package that reads its files)."""
     backends = {n for n in imported(module) if n.split(".")[0] in ("jax", "tensorflow", "torch")}
     backends -= FILE_READERS.get(module, set())
-    own = module.startswith("_backend.") and module.split(".")[1] in ("jax", "tensorflow", "torch")
+    name = module.split(".")[1].split("_")[0] if module.startswith("_backend.") else None
+    own = name in ("jax", "tensorflow", "torch")
     assert own or not backends, backends
     if own:
-        assert backends <= {module.split(".")[1]} | {
-            n for n in backends if n.split(".")[0] == module.split(".")[1]}, backends
+        assert {n.split(".")[0] for n in backends} <= {name}, backends
     with open(os.path.join(PACKAGE, module.replace(".", os.sep) + ".py")) as f:
         source = f.read()
     if module != "_backend.__init__":
@@ -95,7 +95,7 @@ def test_no_import_cycle():
 # backend modules share the floor of `_backend`, which loads one of them.
 FLOORS = [
     {"_checks", "_arguments", "_records", "_calling", "_projection", "_import_order",
-     "_hf_checkpoint", "_hf_deberta"},
+     "_hf_checkpoint", "_hf_deberta", "_backend.torch_fused"},
     {"_rows"},
     {"_backend.__init__", "_backend.generic", "_backend.jax", "_backend.tensorflow",
      "_backend.torch"},
