@@ -74,3 +74,4 @@ def test_profile_of_the_long_step_runs():
         assert "aten::" in done.stdout
     if BACKEND == "tensorflow":
         assert "its gradient" in done.stdout
+
