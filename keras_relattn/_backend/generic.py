@@ -6,6 +6,8 @@ import math
 
 from keras import ops
 
+from keras_relattn._records import flatten, rebuild
+
 try:  # the backend's own softmax, without `keras.ops.softmax`'s shape check
     from keras.src.backend import nn as _backend_nn
 
@@ -192,6 +194,24 @@ def traced(fn, tensors, constants, key):
     return None
 
 
+def _traced_by_key(cache, trace, fn, tensors, constants, key):
+    """`fn(tensors, constants)` through `trace(run)` (`tf.function`,
+    `jax.jit`: a function of the records' leaves), made once per `key` and
+    kept in `cache`, at most 64, the oldest dropped first. The records'
+    structure is that of the first call with `key`, which determines it."""
+    if key not in cache:
+        if len(cache) >= 64:
+            cache.pop(next(iter(cache)))
+        tensors_skeleton, constants_skeleton = flatten(tensors)[1], flatten(constants)[1]
+
+        def run(tensor_leaves, constant_leaves):
+            return fn(rebuild(tensors_skeleton, tensor_leaves),
+                      rebuild(constants_skeleton, constant_leaves))
+
+        cache[key] = trace(run)
+    return cache[key](flatten(tensors)[0], flatten(constants)[0])
+
+
 def place_keys(outside, inside, start):
     """`outside` `(..., keys)` with `inside` `(..., width)` written over the
     keys from `start` on (`start + width <= keys`): a traced `start` (a
@@ -251,4 +271,5 @@ def attend_in_parts(queries, constants, keys, values, band_queries, band_positio
     return None
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("math", "ops")]
+__all__ = [name for name in dir()
+           if not name.startswith("_") and name not in ("math", "ops", "flatten", "rebuild")]

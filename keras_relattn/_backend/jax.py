@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_relattn._records import flatten, rebuild
 from keras_relattn._rows import BlockRows
+from keras_relattn._backend.generic import _traced_by_key
 from keras_relattn._backend.generic import (  # noqa: F401  (the interface)
     place_keys,
     GATHERS_ALONG_ROWS,
@@ -50,21 +51,10 @@ def traced(fn, tensors, constants, key):
     banded path of 1024 tokens was 3.9x slower than the per-token path's
     single block); one compiled loop instead. Inside a trace (`jax.jit`,
     `jax.grad`) it is a nested call, which XLA inlines."""
-    if key not in _TRACED:
-        if len(_TRACED) >= 64:
-            _TRACED.pop(next(iter(_TRACED)))
-        tensors_skeleton, constants_skeleton = flatten(tensors)[1], flatten(constants)[1]
-
-        def run(tensor_leaves, constant_leaves):
-            return fn(rebuild(tensors_skeleton, tensor_leaves),
-                      rebuild(constants_skeleton, constant_leaves))
-
-        _TRACED[key] = jax.jit(run)
-    return _TRACED[key](flatten(tensors)[0], flatten(constants)[0])
+    return _traced_by_key(_TRACED, jax.jit, fn, tensors, constants, key)
 
 
-# Traced blocks by key (see TensorFlow's).
-_TRACED = {}
+_TRACED = {}  # compiled blocks by key (`generic._traced_by_key`)
 
 
 def take_columns(table, columns, heads_last=True):

@@ -79,22 +79,11 @@ def traced(fn, tensors, constants, key):
     already (`tf.function`, `model.fit`)."""
     if not tf.executing_eagerly():
         return None
-    if key not in _TRACED:
-        if len(_TRACED) >= 64:
-            _TRACED.pop(next(iter(_TRACED)))
-        tensors_skeleton, constants_skeleton = flatten(tensors)[1], flatten(constants)[1]
-
-        def run(tensor_leaves, constant_leaves):
-            return fn(rebuild(tensors_skeleton, tensor_leaves),
-                      rebuild(constants_skeleton, constant_leaves))
-
-        _TRACED[key] = tf.function(run, autograph=False)
-    return _TRACED[key](flatten(tensors)[0], flatten(constants)[0])
+    return generic._traced_by_key(_TRACED, lambda run: tf.function(run, autograph=False), fn,
+                                  tensors, constants, key)
 
 
-# Traced blocks by key: the function and the records' structure are those of
-# the first call with that key, which determines them.
-_TRACED = {}
+_TRACED = {}  # traced blocks by key (`generic._traced_by_key`)
 
 
 def recomputed_blocks(fn, blocks, tensors, constants, key):
